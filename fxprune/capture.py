@@ -1,0 +1,190 @@
+"""Capture: ``nn.Module`` + example inputs -> :class:`Program` (an ATen-level FX graph).
+
+Uses ``torch.export.export(strict=False)`` with dynamic batch and sequence dims. HF models are taken
+as loaded: ``use_cache=False`` is passed as an argument (the config is not touched) and the main
+tensor of a ``ModelOutput`` (``logits`` or ``last_hidden_state``) becomes the graph output.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import fx, nn
+
+from .errors import CaptureError
+from .rules import module_path
+
+WRAP = "m"  # attribute name of the user's model inside the capture wrapper
+OUTPUT_KEYS = ("logits", "last_hidden_state", "pooler_output")
+
+
+@dataclass
+class Program:
+    """A captured model: the exported program plus the maps the later passes need."""
+
+    exported: torch.export.ExportedProgram
+    model: nn.Module
+    example_args: tuple
+    example_kwargs: dict[str, Any]
+    input_names: list[str]
+    output_names: list[str]
+    params: dict[str, str] = field(default_factory=dict)  # placeholder -> parameter name
+    buffers: dict[str, str] = field(default_factory=dict)  # placeholder -> buffer name
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # name -> all names of that tensor
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.exported.graph_module
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.exported.graph_module.graph
+
+    def module_of(self, node: fx.Node) -> str:
+        """Dotted path (in the user's model) of the module that produced ``node``."""
+        return module_path(node, WRAP + ".")
+
+
+class _CaptureWrapper(nn.Module):
+    """Calls the user's model with ``use_cache=False`` (when it takes it) and returns plain tensors."""
+
+    def __init__(self, model: nn.Module, extra: dict[str, Any], n_args: int, kw_names: list[str]) -> None:
+        super().__init__()
+        setattr(self, WRAP, model)
+        self.extra = extra
+        self.n_args = n_args
+        self.kw_names = kw_names
+        self.output_names: list[str] = []
+
+    def forward(self, *inputs: Any) -> Any:
+        # keyword inputs arrive positionally: torch.export's dynamic shapes are simplest that way
+        args, kwargs = inputs[: self.n_args], dict(zip(self.kw_names, inputs[self.n_args :]))
+        out = getattr(self, WRAP)(*args, **kwargs, **self.extra)
+        tensors, names = main_outputs(out)
+        self.output_names = names
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def main_outputs(out: Any) -> tuple[list[torch.Tensor], list[str]]:
+    """The tensors a user ships from a forward's return value, with names."""
+    if isinstance(out, torch.Tensor):
+        return [out], ["output"]
+    if isinstance(out, Mapping):
+        for key in OUTPUT_KEYS:
+            if out.get(key) is not None:
+                return [out[key]], [key]
+        for key, val in out.items():
+            if isinstance(val, torch.Tensor):
+                return [val], [key]
+    if isinstance(out, (tuple, list)):
+        tensors = [t for t in out if isinstance(t, torch.Tensor)]
+        if tensors:
+            names = ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+            return tensors, names
+    raise CaptureError(f"the model returned {type(out).__name__}, which holds no tensor to capture")
+
+
+def call_extras(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments fxprune adds to every call: ``use_cache=False`` where accepted."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "use_cache" in params or (takes_kwargs and hasattr(model, "config")):
+        return {"use_cache": False}
+    return {}
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """Accept a tensor, a tuple of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise CaptureError(
+        f"example inputs must be a tensor, a tuple of tensors or a dict of tensors, "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def _dynamic_spec(t: Any) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    spec = {0: torch.export.Dim.AUTO}
+    if t.dim() >= 2 and not t.is_floating_point():  # token-like: (batch, sequence)
+        spec[1] = torch.export.Dim.AUTO
+    elif t.dim() == 3 and t.is_floating_point():  # (batch, sequence, features)
+        spec[1] = torch.export.Dim.AUTO
+    return spec
+
+
+def capture(model: nn.Module, example_inputs: Any) -> Program:
+    """Export ``model`` on ``example_inputs`` into a :class:`Program` without changing the model.
+
+    ``example_inputs`` is a tensor, a tuple (positional) or a dict (keyword inputs). The batch
+    dim (and the sequence dim of token inputs) stays dynamic; use a batch of at least 2.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        raise CaptureError("example inputs hold no tensor")
+    if first.dim() > 0 and first.shape[0] < 2:
+        raise CaptureError(
+            f"example batch size is {first.shape[0]}; use at least 2 so the batch dim stays dynamic"
+        )
+    input_names = _input_names(model, args, kwargs)
+    wrapper = _CaptureWrapper(model, call_extras(model), len(args), list(kwargs))
+    flat = tuple(args) + tuple(kwargs.values())
+    dynamic = tuple(_dynamic_spec(t) for t in flat)
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                wrapper, flat, strict=False,
+                dynamic_shapes=(dynamic,),  # one entry: the wrapper's *inputs
+            )
+    except CaptureError:
+        raise
+    except Exception as exc:  # torch.export raises many types; give the user one clear line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {msg}") from exc
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+    return _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])
+
+
+def _input_names(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [params[i].name if i < len(params) else f"input_{i}" for i in range(len(args))]
+    return names + list(kwargs)
+
+
+def _program(ep, model, args, kwargs, input_names, output_names) -> Program:
+    sig = ep.graph_signature
+    strip = WRAP + "."
+
+    def rel(name: str) -> str:
+        return name[len(strip):] if name.startswith(strip) else name
+
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    aliases = {n: names for names in by_id.values() for n in names}
+    # tied parameters may reach the graph under either name: use the first (canonical) one
+    params = {ph: aliases.get(rel(p), [rel(p)])[0] for ph, p in sig.inputs_to_parameters.items()}
+    buffers = {ph: rel(b) for ph, b in sig.inputs_to_buffers.items()}
+    return Program(ep, model, args, kwargs, input_names, output_names, params, buffers, aliases)

@@ -1,0 +1,635 @@
+"""Coupling rules: the op -> rule table.
+
+A rule looks at one FX node (ATen level, as ``torch.export`` produces it) and relates the dim
+variables of its inputs and outputs through the :class:`~fxprune.dims.DimSolver`. Rules are data:
+``RULES`` maps an op name to a function; :func:`rule_for` looks an op up. An op with no rule is
+*unknown*: every dim it touches is pinned and the node is named in the report, so an op the rules
+don't know can never lead to a wrong model.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from .dims import DimSolver
+
+Size = int | str  # a concrete size, or a symbolic one by name
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, stable name for the node's target: ``linear``, ``view``, ``getitem``..."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def module_path(node: fx.Node, prefix: str = "") -> str:
+    """The innermost module that produced ``node`` (``model.layers.3.mlp``), or ''."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _clean_path(path)
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix) :]
+    return path
+
+
+def _clean_path(path: str) -> str:
+    # torch.export spells module paths like L['self'].model.layers[0]; normalise to dotted names.
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if part.startswith("_modules"):
+            continue
+        out.append(part.strip("'\""))
+    return ".".join(p for p in out if p)
+
+
+@dataclass
+class Ctx:
+    """What a rule sees: the solver, the dims of every node computed so far, and a log of edges."""
+
+    solver: DimSolver
+    dims: dict[fx.Node, Any] = field(default_factory=dict)
+    edges: list[tuple[int, int, str, str]] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    inexact: set[str] = field(default_factory=set)
+    prefix: str = ""
+
+    # -- shapes ----------------------------------------------------------------------------------
+    @staticmethod
+    def shape(x: Any) -> list[Size] | None:
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            return [_size(s) for s in val.shape]
+        return None
+
+    def fresh(self, node: fx.Node, origin: str = "") -> Any:
+        """New variables for every dim of ``node``'s value (nested for tuple outputs)."""
+        val = node.meta.get("val")
+        return self._fresh_val(val, origin or node.name)
+
+    def _fresh_val(self, val: Any, origin: str) -> Any:
+        if isinstance(val, torch.Tensor):
+            return [self.solver.new(_int_or_none(s), origin) for s in val.shape]
+        if isinstance(val, (list, tuple)):
+            return [self._fresh_val(v, origin) for v in val]
+        return None
+
+    def d(self, x: Any) -> list[int] | None:
+        """Dim variables of an argument (None for non-tensors)."""
+        if isinstance(x, fx.Node):
+            dims = self.dims.get(x)
+            if dims is not None and (not dims or isinstance(dims[0], int)):
+                return dims
+        return None
+
+    # -- relations -------------------------------------------------------------------------------
+    def unify(self, a: int, b: int, node: fx.Node) -> None:
+        self.edges.append((a, b, op_name(node), node.name))
+        self.solver.unify(a, b)
+
+    def pin_node(self, node: fx.Node, reason: str) -> None:
+        """Pin every dim of every tensor input and output of ``node``."""
+        for x in _tensor_args(node):
+            for v in self.d(x) or []:
+                self.solver.pin(v, reason)
+        for v in _flatten(self.dims.get(node)):
+            self.solver.pin(v, reason)
+
+    def where(self, node: fx.Node) -> str:
+        path = module_path(node, self.prefix)
+        return f"node {node.name} (op {op_name(node)}" + (f", module {path})" if path else ")")
+
+
+def _size(s: Any) -> Size:
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt):
+        known = s.node.maybe_as_int()  # int(s) would return the example's value: keep it symbolic
+        return known if known is not None else str(s)
+    return str(s)
+
+
+def _int_or_none(s: Any) -> int | None:
+    v = _size(s)
+    return v if isinstance(v, int) else None
+
+
+def _flatten(x: Any) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, int):
+        return [x]
+    out: list[int] = []
+    for y in x:
+        out.extend(_flatten(y))
+    return out
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    for a in node.all_input_nodes:
+        if isinstance(a.meta.get("val"), (torch.Tensor, list, tuple)):
+            out.append(a)
+    return out
+
+
+def _norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules. Each takes (ctx, node) and sets ctx.dims[node].
+# ------------------------------------------------------------------------------------------------
+
+
+def ignore(ctx: Ctx, node: fx.Node) -> None:
+    """Ops that carry no channel data (shape queries, asserts)."""
+    ctx.dims[node] = ctx.fresh(node)
+
+
+def elementwise(ctx: Ctx, node: fx.Node) -> None:
+    """Same-position dims of all tensor operands are the same channels (numpy broadcasting)."""
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return
+    args = list(node.args) + list(node.kwargs.values())
+    for a in args:
+        dims, shape = ctx.d(a), ctx.shape(a)
+        if dims is None or shape is None:
+            continue
+        for k in range(1, len(shape) + 1):
+            if k > len(out_shape):
+                break
+            if shape[-k] == 1 and out_shape[-k] != 1:
+                continue  # broadcast
+            ctx.unify(dims[-k], out[-k], node)
+
+
+def inexact_elementwise(ctx: Ctx, node: fx.Node) -> None:
+    elementwise(ctx, node)
+
+
+def reduction(ctx: Ctx, node: fx.Node) -> None:
+    """mean/sum/amax over some dims: the kept dims pass through. Pruning a reduced dim is
+    structurally fine but changes the value, so the group is marked inexact."""
+    x = node.args[0]
+    xd, xs = ctx.d(x), ctx.shape(x)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    if xd is None or xs is None:
+        return
+    rank = len(xs)
+    dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims_arg is None or dims_arg == []:
+        reduced = set(range(rank))
+    elif isinstance(dims_arg, int):
+        reduced = {_norm_dim(dims_arg, rank)}
+    else:
+        reduced = {_norm_dim(int(d), rank) for d in dims_arg}
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    j = 0
+    for i in range(rank):
+        if i in reduced:
+            if keepdim:
+                j += 1
+            ctx.inexact.add(f"{xd[i]}")
+            continue
+        ctx.unify(xd[i], out[j], node)
+        j += 1
+
+
+def linear(ctx: Ctx, node: fx.Node) -> None:
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    xd, wd = ctx.d(x), ctx.d(w)
+    for i in range(len(out) - 1):
+        ctx.unify(xd[i], out[i], node)
+    ctx.unify(xd[-1], wd[1], node)
+    ctx.unify(out[-1], wd[0], node)
+    bd = ctx.d(b)
+    if bd:
+        ctx.unify(bd[0], out[-1], node)
+
+
+def _matmul_dims(ctx: Ctx, node: fx.Node, a: Any, b: Any, out: list[int]) -> None:
+    ad, bd = ctx.d(a), ctx.d(b)
+    as_, bs = ctx.shape(a), ctx.shape(b)
+    if len(ad) == 1 or len(bd) == 1:
+        ctx.pin_node(node, f"matmul with a 1-D operand at {ctx.where(node)}")
+        return
+    ctx.unify(ad[-1], bd[-2], node)
+    ctx.unify(ad[-2], out[-2], node)
+    ctx.unify(bd[-1], out[-1], node)
+    # batch dims broadcast
+    for dims, shape in ((ad, as_), (bd, bs)):
+        for k in range(3, len(shape) + 1):
+            if k > len(out):
+                break
+            if shape[-k] == 1 and ctx.shape(node)[-k] != 1:
+                continue
+            ctx.unify(dims[-k], out[-k], node)
+
+
+def matmul(ctx: Ctx, node: fx.Node) -> None:
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    _matmul_dims(ctx, node, node.args[0], node.args[1], out)
+
+
+def addmm(ctx: Ctx, node: fx.Node) -> None:
+    """addmm(bias, x, w) / baddbmm(bias, x, w): a matmul plus a broadcast bias."""
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    _matmul_dims(ctx, node, node.args[1], node.args[2], out)
+    bias, bs = ctx.d(node.args[0]), ctx.shape(node.args[0])
+    if bias is not None:
+        out_shape = ctx.shape(node)
+        for k in range(1, len(bs) + 1):
+            if bs[-k] == 1 and out_shape[-k] != 1:
+                continue
+            ctx.unify(bias[-k], out[-k], node)
+
+
+def permute(ctx: Ctx, node: fx.Node) -> None:
+    xd = ctx.d(node.args[0])
+    rank = len(xd)
+    name = op_name(node)
+    if name in ("t", "numpy_T"):
+        order = list(range(rank))[::-1]
+    elif name in ("transpose", "swapaxes", "swapdims"):
+        i, j = (_norm_dim(int(v), rank) for v in node.args[1:3])
+        order = list(range(rank))
+        order[i], order[j] = order[j], order[i]
+    else:  # permute
+        order = [_norm_dim(int(v), rank) for v in node.args[1]]
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    for o, i in enumerate(order):
+        ctx.unify(xd[i], out[o], node)
+
+
+def reshape(ctx: Ctx, node: fx.Node) -> None:
+    """view / reshape / flatten / unflatten / squeeze / unsqueeze, from the two shapes alone.
+
+    Contiguous runs of input and output dims with equal products are matched; a run of one input
+    dim and several output dims is a split (the input dim is their product), the reverse is a merge.
+    """
+    x = node.args[0]
+    xd, xs = ctx.d(x), ctx.shape(x)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    os_ = ctx.shape(node)
+    i = j = 0
+    solver = ctx.solver
+    while i < len(xs) or j < len(os_):
+        if i < len(xs) and xs[i] == 1:
+            i += 1
+            continue
+        if j < len(os_) and os_[j] == 1:
+            j += 1
+            continue
+        if i >= len(xs) or j >= len(os_):
+            ctx.pin_node(node, f"reshape not understood at {ctx.where(node)}")
+            return
+        if xs[i] == os_[j]:
+            ctx.unify(xd[i], out[j], node)
+            i += 1
+            j += 1
+            continue
+        # accumulate a run with equal products (concrete sizes only)
+        i0, j0 = i, j
+        pa, pb = _as_int(xs[i]), _as_int(os_[j])
+        i += 1
+        j += 1
+        while pa is not None and pb is not None and pa != pb:
+            if pa < pb:
+                if i >= len(xs):
+                    pa = None
+                    break
+                pa = _mul(pa, xs[i])
+                i += 1
+            else:
+                if j >= len(os_):
+                    pb = None
+                    break
+                pb = _mul(pb, os_[j])
+                j += 1
+        if pa is None or pb is None:
+            for v in xd[i0:] + out[j0:]:
+                solver.pin(v, f"reshape of a symbolic dim at {ctx.where(node)}")
+            return
+        ins = [xd[k] for k in range(i0, i) if xs[k] != 1]
+        outs = [out[k] for k in range(j0, j) if os_[k] != 1]
+        ctx.edges.append((ins[0], outs[0], "reshape", node.name))
+        if len(ins) == 1:
+            solver.define_prod(ins[0], outs)
+        elif len(outs) == 1:
+            solver.define_prod(outs[0], ins)
+        else:  # many-to-many: go through one merged variable
+            merged = solver.new(pa, node.name)
+            solver.define_prod(merged, ins)
+            solver.define_prod(merged, outs)
+
+
+def _as_int(s: Size) -> int | None:
+    return s if isinstance(s, int) else None
+
+
+def _mul(p: int | None, s: Size) -> int | None:
+    return None if p is None or not isinstance(s, int) else p * s
+
+
+def expand(ctx: Ctx, node: fx.Node) -> None:
+    """expand: size-1 dims become new *broadcast* variables (GQA's query heads per kv head)."""
+    x = node.args[0]
+    xd, xs = ctx.d(x), ctx.shape(x)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    os_ = ctx.shape(node)
+    lead = len(os_) - len(xs)
+    for k in range(len(xs)):
+        if xs[k] == 1 and os_[lead + k] != 1:
+            ctx.solver.broadcast.add(ctx.solver.find(out[lead + k]))
+            continue
+        ctx.unify(xd[k], out[lead + k], node)
+
+
+def cat(ctx: Ctx, node: fx.Node) -> None:
+    tensors = [t for t in node.args[0] if ctx.d(t) is not None]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    rank = len(out)
+    dim = _norm_dim(int(dim), rank)
+    parts = []
+    for t in tensors:
+        td = ctx.d(t)
+        if len(td) != rank:  # legacy empty-tensor cat
+            continue
+        for k in range(rank):
+            if k != dim:
+                ctx.unify(td[k], out[k], node)
+        parts.append(td[dim])
+        ctx.edges.append((td[dim], out[dim], "cat", node.name))
+    ctx.solver.define_cat(out[dim], parts)
+
+
+def split(ctx: Ctx, node: fx.Node) -> None:
+    """split / split_with_sizes / chunk / unbind: the input dim is the concatenation of the pieces."""
+    x = node.args[0]
+    xd = ctx.d(x)
+    rank = len(xd)
+    name = op_name(node)
+    dim_pos = 1 if name == "unbind" else 2
+    dim = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", 0)
+    dim = _norm_dim(int(dim), rank)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    pieces = []
+    for piece in out:
+        if name == "unbind":
+            v = ctx.solver.new(1, node.name)
+            pieces.append(v)
+            others = piece
+            src = [k for k in range(rank) if k != dim]
+            for o, k in zip(others, src):
+                ctx.unify(xd[k], o, node)
+            continue
+        for k in range(rank):
+            if k != dim:
+                ctx.unify(xd[k], piece[k], node)
+        pieces.append(piece[dim])
+        ctx.edges.append((xd[dim], piece[dim], name, node.name))
+    if name == "unbind":
+        ctx.solver.pin(xd[dim], f"unbind along a channel dim at {ctx.where(node)}")
+    if ctx.shape(x)[dim] is not None and isinstance(ctx.shape(x)[dim], int):
+        ctx.solver.define_cat(xd[dim], pieces)
+
+
+def slice_(ctx: Ctx, node: fx.Node) -> None:
+    x = node.args[0]
+    xd, xs = ctx.d(x), ctx.shape(x)
+    rank = len(xd)
+    dim = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, rank)
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    os_ = ctx.shape(node)
+    for k in range(rank):
+        if k != dim:
+            ctx.unify(xd[k], out[k], node)
+    size = xs[dim]
+    if os_[dim] == size:
+        ctx.unify(xd[dim], out[dim], node)
+        return
+    if not isinstance(size, int):
+        return  # slicing the sequence or batch: no channels involved
+    if not isinstance(start, int) or not (end is None or isinstance(end, int)) or step != 1:
+        ctx.solver.pin(xd[dim], f"strided or symbolic slice at {ctx.where(node)}")
+        return
+    start = max(0, start + size if start < 0 else start)
+    end = size if end is None else min(size, end + size if end < 0 else end)
+    parts = []
+    if start > 0:
+        parts.append(ctx.solver.new(start, node.name))
+    parts.append(out[dim])
+    if end < size:
+        parts.append(ctx.solver.new(size - end, node.name))
+    ctx.edges.append((xd[dim], out[dim], "slice", node.name))
+    ctx.solver.define_cat(xd[dim], parts)
+
+
+def getitem(ctx: Ctx, node: fx.Node) -> None:
+    src, idx = node.args
+    dims = ctx.dims.get(src)
+    if isinstance(dims, list) and isinstance(idx, int) and idx < len(dims) and dims[idx] is not None:
+        ctx.dims[node] = dims[idx]
+    else:
+        ctx.dims[node] = ctx.fresh(node)
+        ctx.pin_node(node, f"indexing not understood at {ctx.where(node)}")
+
+
+def embedding(ctx: Ctx, node: fx.Node) -> None:
+    w, ids = node.args[0], node.args[1]
+    wd, idd = ctx.d(w), ctx.d(ids)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    for i in range(len(idd)):
+        ctx.unify(idd[i], out[i], node)
+    ctx.unify(wd[1], out[-1], node)
+    ctx.solver.pin(wd[0], "vocabulary (embedding rows are looked up by token id)")
+
+
+def layer_norm(ctx: Ctx, node: fx.Node) -> None:
+    """layer_norm / rms_norm (x, normalized_shape, weight, bias, eps): normalises the last dims."""
+    x = node.args[0]
+    xd = ctx.d(x)
+    nshape = node.args[1]
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    b = node.args[3] if len(node.args) > 3 and op_name(node) != "rms_norm" else node.kwargs.get("bias")
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    first = out[0] if isinstance(out[0], list) else None
+    out_main = first if first is not None else out
+    for k in range(len(xd)):
+        ctx.unify(xd[k], out_main[k], node)
+    n = len(nshape)
+    for p in (w, b):
+        pd = ctx.d(p)
+        if pd:
+            for k in range(1, n + 1):
+                ctx.unify(pd[-k], xd[-k], node)
+    for k in range(1, n + 1):
+        ctx.inexact.add(f"{xd[-k]}")
+    if n > 1:
+        for k in range(2, n + 1):
+            ctx.solver.pin(xd[-k], f"multi-dim normalisation at {ctx.where(node)}")
+
+
+def sdpa(ctx: Ctx, node: fx.Node) -> None:
+    """scaled_dot_product_attention(q, k, v, mask): heads line up across q/k/v; q.k contract
+    head_dim; the output's last dim is v's."""
+    q, k, v = node.args[:3]
+    qd, kd, vd = ctx.d(q), ctx.d(k), ctx.d(v)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    if node.kwargs.get("enable_gqa"):
+        ctx.pin_node(node, f"SDPA with enable_gqa at {ctx.where(node)}")
+        return
+    for i in range(len(qd) - 2):
+        ctx.unify(qd[i], kd[i], node)
+        ctx.unify(qd[i], vd[i], node)
+        ctx.unify(qd[i], out[i], node)
+    ctx.unify(qd[-1], kd[-1], node)
+    ctx.unify(kd[-2], vd[-2], node)
+    ctx.unify(qd[-2], out[-2], node)
+    ctx.unify(vd[-1], out[-1], node)
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    md, ms = ctx.d(mask), ctx.shape(mask)
+    if md:
+        qs = ctx.shape(q)
+        target = qs[:-1] + [ctx.shape(k)[-2]]
+        tdims = qd[:-1] + [kd[-2]]
+        for j in range(1, len(ms) + 1):
+            if ms[-j] == 1 and target[-j] != 1:
+                continue
+            ctx.unify(md[-j], tdims[-j], node)
+
+
+def conv(ctx: Ctx, node: fx.Node) -> None:
+    """conv1d/2d/3d(x, w, b, stride, padding, dilation, groups): channels are dim 1."""
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    name = op_name(node)
+    groups = node.args[-1] if name == "convolution" else (node.args[6] if len(node.args) > 6 else 1)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    if name == "convolution" and node.args[6]:
+        ctx.pin_node(node, f"transposed convolution at {ctx.where(node)}")
+        return
+    if groups != 1:
+        ctx.pin_node(node, f"grouped convolution at {ctx.where(node)}")
+        return
+    xd, wd = ctx.d(x), ctx.d(w)
+    ctx.unify(xd[0], out[0], node)
+    ctx.unify(xd[1], wd[1], node)
+    ctx.unify(out[1], wd[0], node)
+    bd = ctx.d(b)
+    if bd:
+        ctx.unify(bd[0], out[1], node)
+
+
+def creation(ctx: Ctx, node: fx.Node) -> None:
+    """zeros / ones / full / arange...: a constant-size tensor would need its size rewritten."""
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    shape = ctx.shape(node) or []
+    for v, s in zip(_flatten(out), shape):
+        if isinstance(s, int) and s > 1:
+            ctx.solver.pin(v, f"tensor created with a constant size at {ctx.where(node)}")
+
+
+def unknown(ctx: Ctx, node: fx.Node) -> None:
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    if not _tensor_args(node) and not _flatten(out):
+        return
+    where = ctx.where(node)
+    # ops on batch/sequence-only tensors (mask building) pin nothing that could be pruned
+    shapes = [ctx.shape(a) or [] for a in _tensor_args(node)] + [ctx.shape(node) or []]
+    if any(isinstance(s, int) and s > 1 for shape in shapes for s in shape):
+        ctx.unknown.append(where)
+    ctx.pin_node(node, f"op the rules don't know: {where}")
+
+
+ELEMENTWISE = """
+abs add sub rsub mul div true_divide floor_divide remainder pow neg exp exp2 log log2 log1p sqrt
+rsqrt reciprocal sin cos tan tanh sigmoid silu gelu relu relu6 leaky_relu elu selu celu softplus mish
+hardtanh hardswish hardsigmoid erf erfc sign clamp clamp_min clamp_max clip maximum minimum where
+masked_fill eq ne lt le gt ge logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
+bitwise_not bitwise_xor __and__ __or__ __xor__ __invert__ to _to_copy type_as clone contiguous
+detach alias lift_fresh_copy dropout native_dropout feature_dropout alpha_dropout softmax _softmax
+log_softmax zeros_like ones_like full_like empty_like rand_like randn_like fill copy square
+isnan isinf nan_to_num lerp addcmul addcdiv floor ceil round trunc frac triu tril _safe_softmax
+""".split()
+
+RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
+    **{name: elementwise for name in ELEMENTWISE},
+    **{name + "_": elementwise for name in ELEMENTWISE},
+    **{name: ignore for name in ("sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata",
+                                 "_assert_scalar", "_assert_async", "sym_constrain_range",
+                                 "sym_constrain_range_for_size", "scalar_tensor", "_local_scalar_dense",
+                                 "sym_not", "sym_float", "sym_int", "sym_max", "sym_min", "sym_sum")},
+    **{name: reduction for name in ("mean", "sum", "amax", "amin", "var", "std", "var_mean", "norm",
+                                    "linalg_vector_norm", "prod", "logsumexp")},
+    "linear": linear,
+    "matmul": matmul, "mm": matmul, "bmm": matmul,
+    "addmm": addmm, "baddbmm": addmm,
+    "t": permute, "numpy_T": permute, "transpose": permute, "swapaxes": permute, "swapdims": permute,
+    "permute": permute,
+    **{name: reshape for name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten",
+                                  "squeeze", "unsqueeze")},
+    "expand": expand, "expand_as": expand,
+    "cat": cat, "concat": cat, "concatenate": cat,
+    "split": split, "split_with_sizes": split, "chunk": split, "unbind": split,
+    "tensor_split": split,
+    "slice": slice_, "narrow": unknown,
+    "getitem": getitem,
+    "embedding": embedding,
+    "layer_norm": layer_norm, "native_layer_norm": layer_norm, "rms_norm": layer_norm,
+    "scaled_dot_product_attention": sdpa,
+    "conv1d": conv, "conv2d": conv, "conv3d": conv, "convolution": conv,
+    **{name: creation for name in ("zeros", "ones", "full", "empty", "arange", "new_zeros", "new_ones",
+                                   "new_full", "new_empty", "randn", "rand", "linspace", "tensor",
+                                   "scalar_tensor")},
+}
+
+# Python-level operators on symbolic ints (batch and sequence arithmetic) carry no channels;
+# names shared with ATen ops (add, mul...) keep the elementwise rule, which is a no-op on ints.
+for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+            operator.mod, operator.neg, operator.pow, operator.eq, operator.ne, operator.lt,
+            operator.le, operator.gt, operator.ge, math.floor, math.ceil):
+    RULES.setdefault(_op.__name__, ignore)
+
+
+def rule_for(node: fx.Node) -> Callable[[Ctx, fx.Node], None]:
+    """The coupling rule for a call_function node (``unknown`` when none is known)."""
+    return RULES.get(op_name(node), unknown)
