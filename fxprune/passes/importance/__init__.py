@@ -1,0 +1,34 @@
+"""Importance passes: each maps an :class:`ImportanceRequest` to one score per group unit.
+
+``IMPORTANCES`` is the table the CLI and :func:`fxprune.prune` look names up in; passes that need
+calibration data are listed in ``NEEDS_DATA``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ...errors import FxpruneError
+from .base import AGGREGATES, ImportanceRequest, aggregate, normalize, unit_scores
+from .magnitude import l1, l2, random
+
+ImportanceFn = Callable[[ImportanceRequest], "dict[str, np.ndarray]"]
+
+IMPORTANCES: dict[str, ImportanceFn] = {"l1": l1, "l2": l2, "random": random}
+NEEDS_DATA: set[str] = set()
+
+
+def get_importance(name: str) -> ImportanceFn:
+    """The importance pass called ``name``, or a clear error listing the known ones."""
+    try:
+        return IMPORTANCES[name]
+    except KeyError:
+        raise FxpruneError(
+            f"unknown importance '{name}'; choose one of {', '.join(sorted(IMPORTANCES))}"
+        ) from None
+
+
+__all__ = ["AGGREGATES", "IMPORTANCES", "NEEDS_DATA", "ImportanceRequest", "aggregate",
+           "get_importance", "normalize", "unit_scores"]
