@@ -1,0 +1,354 @@
+"""Rewrite pass: apply a :class:`Plan` to a copy of the model and to its FX graph.
+
+One mechanism serves parameters and graph constants alike: :class:`KeepMasks` answers, for any
+dim variable of the dependency graph, which of its indices survive the plan. Parameters are
+sliced with it; ``view``/``reshape``/``expand`` sizes, ``split`` sizes and ``slice`` bounds in
+the graph are recomputed from it; module attributes and HF config values (head counts, kv groups,
+intermediate and hidden sizes) are updated from the resulting shapes. The caller's model is never
+touched: everything happens on a deep copy, and nothing is returned unless every step succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..capture import WRAP, Program
+from ..depgraph import DependencyGraph, Group, layer_of
+from ..errors import PlanError
+from ..plan import Plan
+from ..rules import op_name
+
+
+class KeepMasks:
+    """Which indices of each dim variable a plan keeps."""
+
+    def __init__(self, dg: DependencyGraph, plan: Plan) -> None:
+        self.dg = dg
+        self.solver = dg.solver
+        self.pruned: list[tuple[Group, np.ndarray]] = []
+        for g, kept in plan.pruned_groups(dg):
+            keep = np.zeros(g.units, dtype=bool)
+            keep[np.asarray(kept, dtype=np.int64)] = True
+            self.pruned.append((g, keep))
+        self._cache: dict[int, np.ndarray] = {}
+
+    def mask(self, var: int) -> np.ndarray:
+        """Boolean keep-mask over the elements of ``var`` (a concrete-size dim)."""
+        root = self.solver.find(var)
+        if root in self._cache:
+            return self._cache[root]
+        coords = self.solver.coords(root)
+        n = self.solver.size_of(root) or 0
+        keep = np.ones(n, dtype=bool)
+        for g, gkeep in self.pruned:
+            if not all(a in coords for a in g.atoms):
+                continue
+            if len(g.atoms) == 2:
+                ck, ce = coords[g.atoms[0]], coords[g.atoms[1]]
+                unit = np.where((ck >= 0) & (ce >= 0), ck * g.block + ce, -1)
+            else:
+                unit = coords[g.atoms[0]]
+            inside = unit >= 0
+            keep[inside] &= gkeep[unit[inside]]
+        self._cache[root] = keep
+        return keep
+
+    def new_size(self, var: int) -> int | None:
+        """Size of ``var`` after pruning (None for symbolic dims)."""
+        if self.solver.size_of(var) is None:
+            return None
+        size = int(self.mask(var).sum())
+        coords = self.solver.coords(var)
+        for g, gkeep in self.pruned:
+            # GQA's per-kv-head query dim seen without its kv head (the expand's size): a count
+            if len(g.atoms) == 2 and g.atoms[1] in coords and g.atoms[0] not in coords:
+                per_block = int(gkeep.reshape(-1, g.block).sum(1).max())
+                size = size * per_block // g.block
+        return size
+
+
+@dataclass
+class RewriteResult:
+    model: nn.Module
+    graph_module: fx.GraphModule
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # parameter -> new shape
+    notes: list[str] = field(default_factory=list)
+
+
+def apply_plan(program: Program, dg: DependencyGraph, plan: Plan) -> RewriteResult:
+    """Physically prune a copy of ``program.model`` and of its graph according to ``plan``."""
+    plan.validate(dg)
+    masks = KeepMasks(dg, plan)
+    model = copy.deepcopy(program.model)
+    index = _param_indices(program, dg, masks)
+    shapes = _slice_parameters(model, program, index)
+    notes = _update_attributes(model, program, dg, masks)
+    gm = _rewrite_graph(program, dg, masks, model)
+    return RewriteResult(model, gm, shapes, notes)
+
+
+# -- parameters ------------------------------------------------------------------------------------
+
+
+def _param_indices(program: Program, dg: DependencyGraph, masks: KeepMasks) -> dict[str, dict[int, np.ndarray]]:
+    """parameter name -> {dim: kept indices} for every parameter dim that shrinks."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for ph, name in list(program.params.items()) + list(program.buffers.items()):
+        dims = dg.node_dims.get(ph) or []
+        for d, var in enumerate(dims):
+            if dg.solver.size_of(var) is None:
+                continue
+            keep = masks.mask(var)
+            if not keep.all():
+                out.setdefault(name, {})[d] = np.nonzero(keep)[0]
+    return out
+
+
+def _slice_parameters(model: nn.Module, program: Program, index: dict[str, dict[int, np.ndarray]]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for name, dims in index.items():
+        owner_path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        owner = model.get_submodule(owner_path)
+        old = getattr(owner, leaf)
+        new = old.detach()
+        for d, idx in sorted(dims.items()):
+            new = new.index_select(d, torch.as_tensor(idx, device=new.device))
+        new = new.contiguous()
+        if isinstance(old, nn.Parameter):
+            new_p = nn.Parameter(new, requires_grad=old.requires_grad)
+            for alias in program.aliases.get(name, [name]):  # tied weights stay one Parameter
+                a_path, a_leaf = alias.rsplit(".", 1) if "." in alias else ("", alias)
+                setattr(model.get_submodule(a_path), a_leaf, new_p)
+        else:
+            owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
+        shapes[name] = list(new.shape)
+    return shapes
+
+
+# -- module attributes and HF config ---------------------------------------------------------------
+
+# attribute name -> which count it holds. Only attributes whose current value equals the old count
+# are rewritten, so an unrelated attribute with the same name is left alone.
+ATTRIBUTES: dict[str, str] = {
+    "num_heads": "q_heads", "num_attention_heads": "q_heads", "n_head": "q_heads", "n_heads": "q_heads",
+    "num_key_value_heads": "kv_heads", "num_kv_heads": "kv_heads",
+    "num_key_value_groups": "kv_groups",
+    "all_head_size": "q_width", "split_size": "q_width", "inner_dim": "q_width",
+    "intermediate_size": "mlp", "ffn_dim": "mlp",
+    "hidden_size": "hidden", "embed_dim": "hidden", "n_embd": "hidden", "d_model": "hidden", "dim": "hidden",
+}
+CONFIG_KEYS = {"num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
+               "intermediate_size": "mlp", "hidden_size": "hidden", "n_head": "q_heads",
+               "n_embd": "hidden", "n_inner": "mlp", "dim": "hidden", "hidden_dim": "mlp"}
+
+
+def _counts(masks: KeepMasks, groups: list[Group]) -> dict[str, tuple[int, int]]:
+    """(old, new) counts for the groups of one layer (or the model-wide hidden group)."""
+    out: dict[str, tuple[int, int]] = {}
+    gqa: Group | None = None
+    for g in groups:
+        kept = _kept(masks, g)
+        if g.kind == "heads" and g.block:
+            gqa = g
+            out["kv_groups"] = (g.block, kept // (g.units // g.block))
+        elif g.kind in ("heads", "kv_heads", "mlp", "hidden"):
+            key = "q_heads" if g.kind == "heads" else g.kind
+            out[key] = (g.units, kept)
+    if gqa is not None:  # query heads = kv heads kept x query heads kept per kv head
+        blocks = gqa.units // gqa.block
+        kv_new = out.get("kv_heads", (blocks, blocks))[1]
+        out["q_heads"] = (gqa.units, kv_new * out["kv_groups"][1])
+    return out
+
+
+def _kept(masks: KeepMasks, g: Group) -> int:
+    for pg, keep in masks.pruned:
+        if pg.id == g.id:
+            return int(keep.sum())
+    return g.units
+
+
+def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, masks: KeepMasks) -> list[str]:
+    notes: list[str] = []
+    by_layer: dict[int | None, list[Group]] = {}
+    for g in dg.groups:
+        by_layer.setdefault(g.layer, []).append(g)
+    hidden = _counts(masks, [g for g in dg.groups if g.kind == "hidden" and g.prunable])
+    head_dims: dict[int | None, int] = {}
+    for layer, groups in by_layer.items():
+        for g in groups:
+            if g.kind == "heads" and g.units:
+                head_dims[layer] = g.unit_size
+    per_layer: dict[int, dict[str, int]] = {}
+    for path, mod in model.named_modules():
+        _fix_standard_module(mod)
+        layer = layer_of(path)
+        counts = dict(hidden)
+        if layer is not None:
+            counts.update(_counts(masks, by_layer.get(layer, [])))
+        if "q_heads" in counts and head_dims.get(layer):
+            hd = head_dims[layer]
+            counts["q_width"] = (counts["q_heads"][0] * hd, counts["q_heads"][1] * hd)
+        for attr, key in ATTRIBUTES.items():
+            val = getattr(mod, attr, None)
+            if key in counts and isinstance(val, int) and not isinstance(val, bool) and val == counts[key][0]:
+                setattr(mod, attr, counts[key][1])
+        if layer is not None:
+            entry = per_layer.setdefault(layer, {})
+            for key in ("q_heads", "kv_heads", "mlp"):
+                if key in counts:
+                    entry[key] = counts[key][1]
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and layer is not None and path.count(".") > 0:
+            # modules that read shapes from the (shared) config get a private copy with their values
+            private = copy.copy(cfg)
+            _apply_config(private, counts)
+            mod.config = private
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        uniform = {}
+        for key in ("q_heads", "kv_heads", "mlp"):
+            vals = {e[key] for e in per_layer.values() if key in e}
+            if len(vals) == 1:
+                uniform[key] = vals.pop()
+            elif len(vals) > 1:
+                notes.append(f"layers differ in {key}; the config keeps the largest value, per-layer shapes are in the manifest")
+                uniform[key] = max(vals)
+        counts = dict(hidden)
+        for key, val in uniform.items():
+            old = _config_old(cfg, key)
+            if old is not None:
+                counts[key] = (old, val)
+        _apply_config(cfg, counts)
+    model.fxprune_layers = per_layer  # read by the checkpoint exporter
+    return notes
+
+
+def _config_old(cfg: Any, key: str) -> int | None:
+    for ck, k in CONFIG_KEYS.items():
+        if k == key and isinstance(getattr(cfg, ck, None), int):
+            return getattr(cfg, ck)
+    return None
+
+
+def _apply_config(cfg: Any, counts: dict[str, tuple[int, int]]) -> None:
+    for ck, key in CONFIG_KEYS.items():
+        val = getattr(cfg, ck, None)
+        if key in counts and isinstance(val, int) and val == counts[key][0]:
+            setattr(cfg, ck, counts[key][1])
+
+
+def _fix_standard_module(mod: nn.Module) -> None:
+    """Keep torch's own layers' shape attributes in step with their sliced weights."""
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    if isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = w.shape
+    elif isinstance(mod, nn.Embedding):
+        mod.num_embeddings, mod.embedding_dim = w.shape
+    elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and w.dim() == 1:
+        mod.normalized_shape = (w.shape[0],)
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
+    elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # GPT-2's transposed linear
+        mod.nx, mod.nf = w.shape
+
+
+# -- the graph -------------------------------------------------------------------------------------
+
+SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
+
+
+def _rewrite_graph(program: Program, dg: DependencyGraph, masks: KeepMasks, model: nn.Module) -> fx.GraphModule:
+    """Unlift the exported program, point it at the sliced parameters, fix its shape constants."""
+    gm = program.exported.module()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        _set_attr(gm, f"{WRAP}.{name}", p)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        _set_attr(gm, f"{WRAP}.{name}", b)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        dims = dg.node_dims.get(node.name)
+        name = op_name(node)
+        if name in SIZE_ARG_OPS and isinstance(dims, list):
+            shape_pos = 1
+            sizes = node.args[shape_pos]
+            if isinstance(sizes, (list, tuple)) and len(sizes) == len(dims):
+                new = [(_new_literal(masks, v, s)) for v, s in zip(dims, sizes)]
+                node.args = (node.args[0], new, *node.args[2:])
+        elif name in ("split", "split_with_sizes") and isinstance(dims, list):
+            src = dg.node_dims.get(node.args[0].name)
+            d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            d = d + len(src) if d < 0 else d
+            pieces = [masks.new_size(piece[d]) for piece in dims]
+            if masks.new_size(src[d]) != dg.solver.size_of(src[d]):
+                node.target = torch.ops.aten.split_with_sizes.default
+                node.args = (node.args[0], pieces, d)
+                node.kwargs = {}
+        elif name == "slice":
+            src = dg.node_dims.get(node.args[0].name)
+            d = node.args[1] if len(node.args) > 1 else 0
+            if not src:
+                continue
+            d = d + len(src) if d < 0 else d
+            if dg.solver.size_of(src[d]) is None:
+                continue
+            keep = masks.mask(src[d])
+            if keep.all():
+                continue
+            start, end = _int_arg(node, 2, 0), _int_arg(node, 3, None)
+            size = len(keep)
+            start = max(0, start + size if start < 0 else start)
+            end = size if end is None else min(size, end + size if end < 0 else end)
+            node.args = (node.args[0], d, int(keep[:start].sum()), int(keep[:end].sum()), *node.args[4:])
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _int_arg(node: fx.Node, pos: int, default: Any) -> Any:
+    return node.args[pos] if len(node.args) > pos else default
+
+
+def _new_literal(masks: KeepMasks, var: int, literal: Any) -> Any:
+    if not isinstance(literal, int) or literal == -1:
+        return literal  # symbolic sizes and -1 recompute themselves
+    size = masks.new_size(var)
+    return literal if size is None else size
+
+
+def _set_attr(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    path, leaf = dotted.rsplit(".", 1)
+    try:
+        owner = root.get_submodule(path)
+    except AttributeError:
+        return
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+
+
+def masked_copy(program: Program, dg: DependencyGraph, plan: Plan) -> nn.Module:
+    """The reference for exactness checks: a copy of the model with pruned units zeroed, not removed.
+
+    For MLP channels, whole heads and whole kv groups, removal equals this masking exactly.
+    """
+    plan.validate(dg)
+    masks = KeepMasks(dg, plan)
+    model = copy.deepcopy(program.model)
+    with torch.no_grad():
+        for name, dims in _param_indices(program, dg, masks).items():
+            t = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+            for d, kept in dims.items():
+                drop = np.setdiff1d(np.arange(t.shape[d]), kept)
+                t.index_fill_(d, torch.as_tensor(drop), 0.0)
+    return model
