@@ -43,6 +43,7 @@ class DimSolver:
     defs: dict[int, _Def] = field(default_factory=dict)
     pins: dict[int, str] = field(default_factory=dict)
     broadcast: set[int] = field(default_factory=set)
+    _coords: dict[int, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- variables -------------------------------------------------------------------------------
     def new(self, size: int | None, origin: str = "") -> int:
@@ -72,6 +73,7 @@ class DimSolver:
 
     # -- relations -------------------------------------------------------------------------------
     def unify(self, a: int, b: int) -> None:
+        self._coords.clear()
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -111,6 +113,7 @@ class DimSolver:
             self._define(v, _Def(CAT, parts))
 
     def _define(self, v: int, new: _Def) -> None:
+        self._coords.clear()
         root = self.find(v)
         old = self.defs.get(root)
         if old is None:
@@ -234,6 +237,12 @@ class DimSolver:
         This is the index map: element ``e`` of the dim belongs to unit ``coords[atom][e]``.
         """
         root = self.find(v)
+        if root in self._coords:
+            return self._coords[root]
+        self._coords[root] = out = self._compute_coords(root)
+        return out
+
+    def _compute_coords(self, root: int) -> dict[int, np.ndarray]:
         size = self.size[root]
         d = self.defs.get(root)
         if d is None:

@@ -1,0 +1,226 @@
+"""The pipeline: capture -> dependency graph -> importance -> select -> rewrite -> verify.
+
+:func:`prune` runs it end to end and returns a :class:`PruneResult`. Each stage is one function with
+one input and one output type; :func:`inspect_model` stops after the groups, and passing ``plan=``
+replays a saved plan instead of scoring.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
+from .depgraph import DependencyGraph, count_params, dependency_graph
+from .errors import FxpruneError, VerificationError
+from .passes.importance import NEEDS_DATA, AGGREGATES, ImportanceRequest, get_importance
+from .passes.rewrite import apply_plan
+from .passes.select import Selection, parse_layers, select
+from .plan import Plan
+
+KIND_NAMES = ("heads", "kv_heads", "mlp", "hidden")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    """A pruned model, its pruned FX graph, the plan that made it and a report."""
+
+    model: nn.Module
+    graph_module: fx.GraphModule
+    plan: Plan
+    report: dict[str, Any]
+    program: Program  # the capture of the *original* model
+    dg: DependencyGraph
+    example_inputs: Any = None
+    tokenizer: Any = None
+    base_model: nn.Module | None = field(default=None, repr=False)
+
+
+def inspect_model(model: nn.Module, example_inputs: Any) -> DependencyGraph:
+    """Capture ``model`` and return its dependency graph (groups, pins, networkx graph)."""
+    return dependency_graph(capture(model, example_inputs))
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int | None:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (None on the meta device)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    if any(p.is_meta for p in model.parameters()):
+        return None
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*args, **kwargs, **call_extras(model))
+    return int(counter.get_total_flops() // 2)
+
+
+def run_model(model: nn.Module, example_inputs: Any) -> torch.Tensor:
+    """The main output tensor of ``model`` (HF or plain) on ``example_inputs``."""
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        if isinstance(model, fx.GraphModule):
+            out = model(*args, *kwargs.values())
+        else:
+            out = model(*args, **kwargs, **call_extras(model))
+    return main_outputs(out)[0][0]
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    ratio: float = 0.3,
+    importance: str = "l2",
+    targets: Sequence[str] = ("heads", "mlp"),
+    layers: str | range | None = None,
+    mode: str = "local",
+    round_to: int = 1,
+    aggregate: str = "sum",
+    calib: torch.Tensor | list[torch.Tensor] | None = None,
+    plan: Plan | None = None,
+    tokenizer: Any = None,
+    lora_rank: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Prune ``ratio`` of ``model``'s parameters; the caller's model is never modified.
+
+    Args:
+        model: any ``nn.Module`` (HF models as loaded).
+        example_inputs: tensor, tuple or dict of inputs (batch >= 2); HF text models get random
+            token ids when omitted.
+        ratio: fraction of all parameters to remove, in (0, 1).
+        importance: ``l1``, ``l2``, ``random``, or a gradient pass (``taylor-*``, ``lora``) that
+            needs ``calib`` token windows.
+        targets: group kinds to prune: ``heads``, ``kv_heads``, ``mlp``, ``hidden``.
+        layers: ``"3:29"`` or a ``range``: prune only these layers.
+        mode: ``local`` (same fraction per group) or ``global`` ranking.
+        round_to: keep a multiple of this many units per group (hardware-friendly widths).
+        aggregate: how member scores combine: sum, mean, max, prod, last.
+        plan: replay this plan instead of scoring and selecting.
+    """
+    say = progress or (lambda msg: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bad = [t for t in targets if t not in KIND_NAMES]
+    if bad:
+        raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(KIND_NAMES)}")
+    if aggregate not in AGGREGATES:
+        raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
+    if plan is None and not 0.0 < float(ratio) < 1.0:
+        raise FxpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+    importance_fn = get_importance(importance) if plan is None else None
+    if example_inputs is None:
+        from .models import example_inputs as make_inputs
+
+        example_inputs = make_inputs(model, tokenizer)
+
+    say("capture")
+    program = capture(model, example_inputs)
+    timings["capture_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    say("dependency graph")
+    dg = dependency_graph(program)
+    timings["groups_s"] = time.perf_counter() - t
+
+    if plan is None:
+        t = time.perf_counter()
+        n_layers = _num_layers(model)
+        layer_range = layers if isinstance(layers, range) or layers is None else parse_layers(layers, n_layers)
+        sel = Selection(float(ratio), tuple(targets), layer_range, mode, max(1, int(round_to)))
+        from .passes.select import candidates
+
+        groups = candidates(dg, sel)
+        batches = _batches(calib)
+        if importance in NEEDS_DATA and not batches:
+            raise FxpruneError(f"importance '{importance}' needs calibration text (--calib FILE)")
+        say(f"importance ({importance})")
+        req = ImportanceRequest(model, dg, groups, batches, aggregate, seed, lora_rank)
+        scores = importance_fn(req) if groups else {}
+        timings["importance_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        say("select")
+        plan = select(dg, scores, sel)
+        plan.meta.update({"importance": importance, "ratio": ratio, "targets": list(targets),
+                          "layers": None if layer_range is None else f"{layer_range.start}:{layer_range.stop}",
+                          "mode": mode, "round_to": round_to, "aggregate": aggregate})
+        timings["select_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("rewrite")
+    rw = apply_plan(program, dg, plan)
+    timings["rewrite_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("verify")
+    pruned_model, notes = _check_eager(rw.model, rw.graph_module, example_inputs, rw.notes)
+    timings["verify_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    report = build_report(model, pruned_model, dg, plan, example_inputs, timings, notes)
+    return PruneResult(pruned_model, rw.graph_module, plan, report, program, dg, example_inputs,
+                       tokenizer, model)
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def _batches(calib: Any) -> list[torch.Tensor]:
+    if calib is None:
+        return []
+    if isinstance(calib, torch.Tensor):
+        return [calib[i : i + 1] for i in range(calib.shape[0])]
+    return list(calib)
+
+
+def _check_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any, notes: list[str]) -> tuple[nn.Module, list[str]]:
+    """The pruned graph is the reference; the pruned eager module must agree with it."""
+    notes = list(notes)
+    if any(p.is_meta for p in model.parameters()):
+        return model, notes + ["meta device: outputs not compared"]
+    want = run_model(gm, example_inputs)
+    try:
+        got = run_model(model, example_inputs)
+        diff = float((got - want).abs().max())
+    except Exception as exc:  # the module's own code may hard-code shapes
+        notes.append(f"eager module does not run after pruning ({type(exc).__name__}: {exc}); "
+                     "the pruned graph module is returned as the model")
+        return gm, notes
+    if diff > 1e-4 * max(1.0, float(want.abs().max())):
+        raise VerificationError(f"pruned eager model and pruned graph disagree by {diff:.3g}")
+    return model, notes
+
+
+def build_report(before: nn.Module, after: nn.Module, dg: DependencyGraph, plan: Plan,
+                 example_inputs: Any, timings: dict[str, float], notes: list[str]) -> dict[str, Any]:
+    """Parameters and MACs before/after, kept units per group and per layer, timings, notes."""
+    p0, p1 = count_params(before), count_params(after)
+    m0 = count_macs(before, example_inputs)
+    m1 = count_macs(after, example_inputs) if not isinstance(after, fx.GraphModule) else None
+    groups = []
+    layers: dict[str, dict[str, Any]] = {}
+    for g in dg.groups:
+        if not g.prunable or g.kind == "other":
+            continue
+        kept = len(plan.keep.get(g.id, range(g.units)))
+        groups.append({"id": g.id, "kind": g.kind, "layer": g.layer, "units": g.units, "kept": kept,
+                       "unit_size": g.unit_size})
+        key = "model" if g.layer is None else str(g.layer)
+        layers.setdefault(key, {})[g.kind] = {"kept": kept, "units": g.units}
+    pinned = sorted({g.reason for g in dg.groups if not g.prunable})
+    return {
+        "params_before": p0, "params_after": p1, "removed_fraction": 1 - p1 / p0 if p0 else 0.0,
+        "macs_before": m0, "macs_after": m1,
+        "plan": plan.meta, "groups": groups, "layers": layers, "timings": timings,
+        "pinned_reasons": pinned, "unknown_ops": dg.unknown_ops, "notes": notes,
+    }

@@ -1,0 +1,226 @@
+"""Save and reload pruned models: ``model.safetensors`` + ``fxprune.json`` (+ tokenizer files).
+
+HF models are written with ``save_pretrained``, so where every layer has the same shapes the
+directory also loads with plain ``AutoModel*.from_pretrained``. Layers of different widths are
+rebuilt by :func:`load` from the per-parameter shapes in the manifest. Other modules are stored
+as a ``torch.export`` program (``model.pt2``) beside the weights.
+Writes go to a temporary directory that is moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import FxpruneError, ModelLoadError
+from .passes.rewrite import ATTRIBUTES, _fix_standard_module
+from .depgraph import layer_of
+
+MANIFEST = "fxprune.json"
+FORMAT_VERSION = 1
+
+
+def save(result: Any, directory: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> Path:
+    """Write the pruned model of ``result`` (a PruneResult) to ``directory``, atomically.
+
+    An existing non-empty ``directory`` is an error unless ``force`` is set.
+    """
+    dest = Path(directory)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+        raise FxpruneError(f"output directory {dest} exists and is not empty; pass --force to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        _write(result, tmp, extra or {})
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write(result: Any, out: Path, extra: dict) -> None:
+    model = result.model
+    manifest: dict[str, Any] = {
+        "format": "fxprune", "version": FORMAT_VERSION,
+        "shapes": {n: list(p.shape) for n, p in model.state_dict().items()},
+        "layers": {str(k): v for k, v in getattr(model, "fxprune_layers", {}).items()},
+        "plan": result.plan.to_json(),
+        "report": {k: result.report.get(k) for k in ("params_before", "params_after", "removed_fraction")},
+        **extra,
+    }
+    if hasattr(model, "save_pretrained") and not isinstance(model, fx.GraphModule):
+        model.save_pretrained(out, safe_serialization=True)
+        manifest["kind"] = "hf"
+        manifest["class"] = type(model).__name__
+        base = getattr(result, "base_model", None)
+        if base is not None and getattr(base, "config", None) is not None:
+            manifest["base_config"] = base.config.to_dict()
+        manifest["uniform"] = _uniform(manifest["layers"])
+    else:
+        from safetensors.torch import save_model
+
+        from .capture import capture
+
+        save_model(model, str(out / "model.safetensors"))
+        program = capture(model, result.example_inputs)
+        torch.export.save(program.exported, str(out / "model.pt2"))
+        manifest["kind"] = "module"
+    tok = getattr(result, "tokenizer", None)
+    if tok is not None and hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(out)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _uniform(layers: dict[str, dict[str, int]]) -> bool:
+    return all(len({e.get(k) for e in layers.values()}) <= 1 for k in ("q_heads", "kv_heads", "mlp"))
+
+
+def load(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Rebuild a model written by :func:`save`; returns ``(model, tokenizer or None)``."""
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{d} is not an fxprune output directory (no {MANIFEST})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {d / MANIFEST}: {exc}") from exc
+    weights = d / "model.safetensors"
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights} is missing")
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ModelLoadError(f"{weights} is corrupt or unreadable: {exc}") from exc
+    if manifest.get("kind") == "module":
+        try:
+            ep = torch.export.load(str(d / "model.pt2"))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {d / 'model.pt2'}: {exc}") from exc
+        model = ep.module()
+        return model, None
+    model = _build_hf(d, manifest, state)
+    tokenizer = None
+    if (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    return model, tokenizer
+
+
+def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    cls = getattr(transformers, manifest.get("class", ""), None)
+    if cls is None:
+        raise ModelLoadError(f"{d}: unknown model class {manifest.get('class')!r}")
+    with torch.device("meta"):
+        model = cls(config)
+    shapes = manifest["shapes"]
+    for name, shape in shapes.items():
+        path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        try:
+            owner = model.get_submodule(path)
+        except AttributeError:
+            continue
+        cur = getattr(owner, leaf, None)
+        if isinstance(cur, torch.Tensor) and list(cur.shape) != shape:
+            new = torch.empty(shape, dtype=cur.dtype, device="meta")
+            if isinstance(cur, nn.Parameter):
+                setattr(owner, leaf, nn.Parameter(new, requires_grad=cur.requires_grad))
+            else:
+                owner.register_buffer(leaf, new)
+    _set_layer_attributes(model, config, manifest.get("layers", {}))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or unexpected:
+        raise ModelLoadError(
+            f"{d / 'model.safetensors'} does not match the manifest "
+            f"(missing {still_meta[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (rotary inv_freq) are recomputed by the module
+            path, leaf = name.rsplit(".", 1)
+            owner = model.get_submodule(path)
+            fresh = _fresh_buffer(cls, config, path, leaf)
+            if fresh is None:
+                raise ModelLoadError(f"cannot rebuild buffer {name}")
+            owner.register_buffer(leaf, fresh, persistent=False)
+    model.eval()
+    return model
+
+
+def _fresh_buffer(cls: type, config: Any, path: str, leaf: str) -> torch.Tensor | None:
+    """Non-persistent buffers come from a CPU instance of the same module type."""
+    with torch.device("cpu"):
+        ref_cfg = copy.deepcopy(config)
+        for key in ("num_hidden_layers", "n_layer"):
+            if hasattr(ref_cfg, key):
+                setattr(ref_cfg, key, 1)
+        try:
+            ref = cls(ref_cfg)
+        except Exception:  # a config that cannot shrink to one layer: give up cleanly
+            return None
+    for name, buf in ref.named_buffers():
+        if name.endswith(f"{path.split('.')[-1]}.{leaf}") and not buf.is_meta:
+            return buf
+    return None
+
+
+def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[str, int]]) -> None:
+    """Per-layer head counts and widths, where layers differ from the config's (largest) values."""
+    cfg_vals = {"q_heads": getattr(config, "num_attention_heads", None),
+                "kv_heads": getattr(config, "num_key_value_heads", None),
+                "mlp": getattr(config, "intermediate_size", None)}
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads if getattr(config, "num_attention_heads", None) else None)
+    for path, mod in model.named_modules():
+        _fix_standard_module(mod)
+        layer = layer_of(path)
+        entry = layers.get(str(layer)) if layer is not None else None
+        if not entry:
+            continue
+        counts = {k: (cfg_vals[k], v) for k, v in entry.items() if cfg_vals.get(k) is not None}
+        if "q_heads" in counts and "kv_heads" in counts and counts["kv_heads"][1]:
+            counts["kv_groups"] = (counts["q_heads"][0] // counts["kv_heads"][0],
+                                   counts["q_heads"][1] // counts["kv_heads"][1])
+        if "q_heads" in counts and head_dim:
+            counts["q_width"] = (counts["q_heads"][0] * head_dim, counts["q_heads"][1] * head_dim)
+        for attr, key in ATTRIBUTES.items():
+            val = getattr(mod, attr, None)
+            if key in counts and isinstance(val, int) and val == counts[key][0]:
+                setattr(mod, attr, counts[key][1])
+        if getattr(mod, "config", None) is not None and path.count(".") > 0:
+            private = copy.copy(mod.config)
+            for ck, key in (("num_attention_heads", "q_heads"), ("num_key_value_heads", "kv_heads"),
+                            ("intermediate_size", "mlp")):
+                if key in counts and getattr(private, ck, None) == counts[key][0]:
+                    setattr(private, ck, counts[key][1])
+            mod.config = private
