@@ -62,6 +62,7 @@ class Group:
     prunable: bool = True
     reason: str = ""
     block: int = 0  # GQA query-head groups: units per kv head (keep the same count in each)
+    head_dim: int = 0  # heads / kv_heads: channels of one head in q (fused qkv holds 3 per unit)
     inexact: bool = False  # removal is not the same as zero-masking (normalisation over the dim)
 
     @property
@@ -193,7 +194,14 @@ def dependency_graph(program: Program) -> DependencyGraph:
                 prev = graph.nodes[label].get("groups", "")
                 graph.nodes[label]["groups"] = f"{prev},{g.id}" if prev else g.id
     node_dims = {n.name: ctx.dims.get(n) for n in program.graph.nodes}
-    return DependencyGraph(program, solver, groups, graph, node_dims, list(dict.fromkeys(ctx.unknown)))
+    # report unknown ops only where they pinned channels some parameter has (not mask building)
+    param_atoms = {a for g in groups for a in g.atoms}
+    for _, _, var, is_buf in param_dims:
+        if not is_buf:
+            param_atoms.update(solver.atoms_of(var))
+    unknown = [where for where, dims in ctx.unknown
+               if any(a in param_atoms for v in dims for a in solver.atoms_of(v))]
+    return DependencyGraph(program, solver, groups, graph, node_dims, list(dict.fromkeys(unknown)))
 
 
 def _flat(x: Any) -> list[int]:
@@ -213,8 +221,6 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
     uses: dict[int, list[tuple[str, int, dict[int, np.ndarray], list[int], bool]]] = {}
     for name, dim, var, is_buf in param_dims:
         atoms = solver.atoms_of(var)
-        for a in {a for a in atoms if atoms.count(a) > 1}:
-            pinned.setdefault(a, "head_dim under RoPE (rotate-half pairs channel i with i + d/2)")
         coords = solver.coords(var)
         for a in dict.fromkeys(atoms):
             uses.setdefault(a, []).append((name, dim, coords, atoms, is_buf))
@@ -234,8 +240,13 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
                 break
     kv_atoms = set(kv_of.values())
     inner: set[int] = set()
+    lead: set[int] = set()
     for _, _, var, _ in param_dims:
         inner |= solver.inner_atoms(var)
+        lead |= solver.lead_atoms(var)
+        # cat(x, x) on head_dim is RoPE's rotate-half (on gate_up it is just a fused projection)
+        for a in solver.halves_atoms(var) & solver.inner_atoms(var):
+            pinned.setdefault(a, "head_dim under RoPE (rotate-half pairs channel i with i + d/2)")
 
     groups: list[Group] = []
     for a, members in uses.items():
@@ -269,7 +280,7 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
             kind = "heads"
         elif a in kv_atoms:
             kind = "kv_heads"
-        elif unit_size > 1 and _leads_a_product(a, members):
+        elif a in lead:
             kind = "heads"
         elif len({layer_of(m.module) for m in built}) > 1 or _touches_embedding(program.model, built):
             kind = "hidden"
@@ -289,14 +300,11 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
         groups.append(Group(
             gid, kind, layer, units, unit_size, built, spec, prunable=not reason, reason=reason,
             block=block, inexact=bool(inexact_atoms & set(spec)),
+            head_dim=min(int((m.unit_of >= 0).sum()) // units for m in built if not m.is_buffer),
         ))
     order = {k: i for i, k in enumerate(KINDS)}
     groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, order[g.kind], g.id))
     return groups
-
-
-def _leads_a_product(atom: int, members) -> bool:
-    return any(atoms.index(atom) < len(atoms) - 1 for _, _, _, atoms, _ in members)
 
 
 def _touches_embedding(model: nn.Module, members: list[Member]) -> bool:

@@ -272,6 +272,34 @@ class DimSolver:
                 offset += s
         return out
 
+    def lead_atoms(self, v: int) -> set[int]:
+        """Atoms in a non-trailing factor of a product under ``v`` (heads in heads x head_dim)."""
+        root = self.find(v)
+        d = self.defs.get(root)
+        if d is None:
+            return set()
+        out: set[int] = set()
+        if d.kind == PROD:
+            for p in d.parts[:-1]:
+                out.update(self.atoms_of(p))
+        for p in d.parts:
+            out |= self.lead_atoms(p)
+        return out
+
+    def halves_atoms(self, v: int) -> set[int]:
+        """Atoms concatenated with themselves, ``cat(x, x)``: RoPE's rotate-half on head_dim."""
+        root = self.find(v)
+        d = self.defs.get(root)
+        if d is None:
+            return set()
+        out: set[int] = set()
+        if d.kind == CAT:
+            parts = [self.find(p) for p in d.parts]
+            out.update(p for p in parts if parts.count(p) > 1 and p not in self.defs)
+        for p in d.parts:
+            out |= self.halves_atoms(p)
+        return out
+
     def inner_atoms(self, v: int) -> set[int]:
         """Atoms that are the trailing factor of a product under ``v`` (head_dim in heads x head_dim)."""
         root = self.find(v)

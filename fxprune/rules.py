@@ -19,7 +19,7 @@ from torch import fx
 
 from .dims import DimSolver
 
-Size = int | str  # a concrete size, or a symbolic one by name
+Size = Any  # an int, or a sympy expression for symbolic (batch / sequence) sizes
 
 
 def op_name(node: fx.Node) -> str:
@@ -62,7 +62,7 @@ class Ctx:
     solver: DimSolver
     dims: dict[fx.Node, Any] = field(default_factory=dict)
     edges: list[tuple[int, int, str, str]] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)
+    unknown: list[tuple[str, list[int]]] = field(default_factory=list)  # (where, dims it pinned)
     inexact: set[str] = field(default_factory=set)
     prefix: str = ""
 
@@ -117,7 +117,7 @@ def _size(s: Any) -> Size:
         return s
     if isinstance(s, torch.SymInt):
         known = s.node.maybe_as_int()  # int(s) would return the example's value: keep it symbolic
-        return known if known is not None else str(s)
+        return known if known is not None else s.node.expr  # a sympy expression: s0, s0*s1...
     return str(s)
 
 
@@ -312,30 +312,35 @@ def reshape(ctx: Ctx, node: fx.Node) -> None:
             i += 1
             j += 1
             continue
-        # accumulate a run with equal products (concrete sizes only)
+        # accumulate a run of dims on each side until the products agree
         i0, j0 = i, j
-        pa, pb = _as_int(xs[i]), _as_int(os_[j])
+        pa, pb = xs[i], os_[j]
         i += 1
         j += 1
-        while pa is not None and pb is not None and pa != pb:
-            if pa < pb:
-                if i >= len(xs):
-                    pa = None
-                    break
-                pa = _mul(pa, xs[i])
+        while pa != pb and (i < len(xs) or j < len(os_)):
+            grow_a = j >= len(os_) or (i < len(xs) and _smaller(pa, pb))
+            if grow_a:
+                pa = pa * xs[i]
                 i += 1
             else:
-                if j >= len(os_):
-                    pb = None
-                    break
-                pb = _mul(pb, os_[j])
+                pb = pb * os_[j]
                 j += 1
-        if pa is None or pb is None:
+        run_in, run_out = list(range(i0, i)), list(range(j0, j))
+        if pa != pb:
             for v in xd[i0:] + out[j0:]:
-                solver.pin(v, f"reshape of a symbolic dim at {ctx.where(node)}")
+                solver.pin(v, f"reshape not understood at {ctx.where(node)}")
             return
-        ins = [xd[k] for k in range(i0, i) if xs[k] != 1]
-        outs = [out[k] for k in range(j0, j) if os_[k] != 1]
+        if not all(isinstance(xs[k], int) for k in run_in) or not all(isinstance(os_[k], int) for k in run_out):
+            # batch x sequence merges (GPT-2's Conv1D view): channels never move inside such a run
+            for k in run_in:
+                if isinstance(xs[k], int) and xs[k] > 1:
+                    solver.pin(xd[k], f"channel dim merged with batch/sequence at {ctx.where(node)}")
+            for k in run_out:
+                if isinstance(os_[k], int) and os_[k] > 1:
+                    solver.pin(out[k], f"channel dim merged with batch/sequence at {ctx.where(node)}")
+            continue
+        ins = [xd[k] for k in run_in if xs[k] != 1]
+        outs = [out[k] for k in run_out if os_[k] != 1]
         ctx.edges.append((ins[0], outs[0], "reshape", node.name))
         if len(ins) == 1:
             solver.define_prod(ins[0], outs)
@@ -347,12 +352,15 @@ def reshape(ctx: Ctx, node: fx.Node) -> None:
             solver.define_prod(merged, outs)
 
 
-def _as_int(s: Size) -> int | None:
-    return s if isinstance(s, int) else None
-
-
-def _mul(p: int | None, s: Size) -> int | None:
-    return None if p is None or not isinstance(s, int) else p * s
+def _smaller(a: Size, b: Size) -> bool:
+    """a < b for sizes that may be symbolic: a symbol counts as larger than any int."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a < b
+    if isinstance(a, int):
+        return True
+    if isinstance(b, int):
+        return False
+    return len(str(a)) < len(str(b))
 
 
 def expand(ctx: Ctx, node: fx.Node) -> None:
@@ -573,11 +581,23 @@ def unknown(ctx: Ctx, node: fx.Node) -> None:
     if not _tensor_args(node) and not _flatten(out):
         return
     where = ctx.where(node)
-    # ops on batch/sequence-only tensors (mask building) pin nothing that could be pruned
-    shapes = [ctx.shape(a) or [] for a in _tensor_args(node)] + [ctx.shape(node) or []]
-    if any(isinstance(s, int) and s > 1 for shape in shapes for s in shape):
-        ctx.unknown.append(where)
+    touched = [v for x in _tensor_args(node) for v in _flatten(ctx.d(x))] + _flatten(out)
+    ctx.unknown.append((where, touched))
     ctx.pin_node(node, f"op the rules don't know: {where}")
+
+
+def select(ctx: Ctx, node: fx.Node) -> None:
+    """select(x, dim, i): picks one position, so a channel dim there can't change size."""
+    x = node.args[0]
+    xd, xs = ctx.d(x), ctx.shape(x)
+    dim = _norm_dim(int(node.args[1]), len(xd))
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    rest = [k for k in range(len(xd)) if k != dim]
+    for o, k in zip(out, rest):
+        ctx.unify(xd[k], o, node)
+    if isinstance(xs[dim], int) and xs[dim] > 1:
+        ctx.solver.pin(xd[dim], f"select of a fixed channel at {ctx.where(node)}")
 
 
 ELEMENTWISE = """
@@ -611,7 +631,7 @@ RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
     "cat": cat, "concat": cat, "concatenate": cat,
     "split": split, "split_with_sizes": split, "chunk": split, "unbind": split,
     "tensor_split": split,
-    "slice": slice_, "narrow": unknown,
+    "slice": slice_, "narrow": unknown, "select": select,
     "getitem": getitem,
     "embedding": embedding,
     "layer_norm": layer_norm, "native_layer_norm": layer_norm, "rms_norm": layer_norm,

@@ -184,7 +184,7 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
     for layer, groups in by_layer.items():
         for g in groups:
             if g.kind == "heads" and g.units:
-                head_dims[layer] = g.unit_size
+                head_dims[layer] = g.head_dim
     per_layer: dict[int, dict[str, int]] = {}
     for path, mod in model.named_modules():
         _fix_standard_module(mod)

@@ -1,0 +1,319 @@
+"""Command line: ``fxprune inspect | prune | eval | export``.
+
+User errors (:class:`FxpruneError`) print one line and exit with code 2; ``--debug`` shows the
+traceback. Progress goes to stderr, so ``--json`` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import FxpruneError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class _Say:
+    """Progress lines on stderr (silent with --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _load(spec: str, say: _Say):
+    from .models import load_model
+
+    say(f"loading {spec}")
+    return load_model(spec)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace, say: _Say) -> int:
+    from .capture import capture
+    from .depgraph import dependency_graph, summarize
+    from .models import example_inputs, model_from_config
+
+    if args.config:
+        say(f"building {args.config} on the meta device")
+        model, tok, name = model_from_config(args.config), None, args.config
+    else:
+        model, tok = _load(args.model, say)
+        name = args.model
+    say("capture")
+    program = capture(model, example_inputs(model, tok))
+    say("dependency graph")
+    dg = dependency_graph(program)
+    data = dg.to_json(name)
+    summary = summarize(dg)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    if args.graphml or args.dot or args.png or args.svg:
+        from .exporters import graphs
+
+        if args.graphml:
+            graphs.write_graphml(dg, args.graphml)
+        if args.dot:
+            graphs.write_dot(dg, args.dot, layer=args.layer)
+        for pic in (args.png, args.svg):
+            if pic:
+                graphs.draw_groups(dg, pic, layer=args.layer if args.layer is not None else 0)
+    if args.json == "-":
+        return 0
+    print(format_groups(data, summary))
+    return 0
+
+
+def format_groups(data: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The inspect table and summary as text."""
+    rows = [("kind", "layer", "units x size", "status", "members")]
+    for g in data["groups"]:
+        status = "prunable" if g["prunable"] else f"pinned: {g['reason']}"
+        mem = ", ".join(_short(m) for m in g["members"][:4])
+        if len(g["members"]) > 4:
+            mem += f", ... ({len(g['members'])} in all)"
+        units = f"{g['units']} x {g['unit_size']}"
+        if g.get("units_per_kv_head"):
+            units += f" ({g['units'] // g['units_per_kv_head']} kv x {g['units_per_kv_head']} q heads)"
+        rows.append((g["kind"], "-" if g["layer"] is None else str(g["layer"]), units, status, mem))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    lines.append("")
+    lines.append(f"model {data['model']}: {summary['params']:,} parameters")
+    for kind, k in sorted(summary["kinds"].items()):
+        lines.append(f"  {kind:9s} {k['groups']:4d} groups, {k['prunable']:4d} prunable, "
+                     f"{k['params']:,} parameters in prunable groups")
+    if summary["unknown_ops"]:
+        lines.append("ops the rules don't know (their dims are pinned):")
+        lines.extend(f"  {u}" for u in summary["unknown_ops"])
+    return "\n".join(lines)
+
+
+def _short(member: dict[str, Any]) -> str:
+    alias = f" (= {', '.join(member['aliases'])})" if member.get("aliases") else ""
+    return f"{member['param']}:{member['dim']}{alias}"
+
+
+# -- prune -----------------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
+    from . import api
+    from .data import calibration_text, split_calib_eval, token_windows
+    from .plan import Plan
+
+    if not 0.0 < args.ratio < 1.0 and not args.plan:
+        raise FxpruneError(f"--ratio must be between 0 and 1 (exclusive), got {args.ratio}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise FxpruneError(f"output directory {out} exists and is not empty; pass --force to replace it")
+    from .passes.importance import IMPORTANCES, NEEDS_DATA
+
+    if args.importance not in IMPORTANCES:
+        raise FxpruneError(f"unknown importance '{args.importance}'; choose one of {', '.join(sorted(IMPORTANCES))}")
+    model, tok = _load(args.model, say)
+    calib = eval_windows = None
+    needs_text = args.importance in NEEDS_DATA or args.eval
+    if needs_text and tok is None:
+        raise FxpruneError(f"{args.model} has no tokenizer; calibration and --eval need one")
+    if needs_text:
+        text = calibration_text(args.calib)
+        if args.eval:
+            calib, eval_windows = split_calib_eval(tok, text, args.calib_samples, args.calib_seqlen, args.eval_windows)
+        else:
+            calib = token_windows(tok, text, args.calib_samples, args.calib_seqlen)
+    plan = Plan.load(args.plan) if args.plan else None
+    result = api.prune(
+        model, ratio=args.ratio, importance=args.importance, targets=_split(args.targets),
+        layers=args.layers, mode=args.mode, round_to=args.round_to, aggregate=args.aggregate,
+        calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
+    )
+    report = result.report
+    if eval_windows is not None:
+        from .data import perplexity
+
+        say("perplexity (dense)")
+        report["ppl_before"] = perplexity(model, eval_windows)["ppl"]
+        say("perplexity (pruned)")
+        report["ppl_after"] = perplexity(result.model, eval_windows)["ppl"]
+        report["eval_tokens"] = int(eval_windows.numel())
+    if out is not None:
+        from .checkpoint import save
+
+        say(f"saving to {out}")
+        save(result, out, force=args.force)
+        if args.onnx:
+            from .exporters.onnx import export_onnx
+
+            say("exporting ONNX")
+            report["onnx"] = export_onnx(result, str(out / "model.onnx"))
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"parameters {r['params_before']:,} -> {r['params_after']:,} "
+             f"({r['removed_fraction']:.1%} removed)"]
+    if r.get("macs_before") and r.get("macs_after"):
+        lines.append(f"MACs (example input) {r['macs_before']:,} -> {r['macs_after']:,}")
+    if "ppl_before" in r:
+        lines.append(f"perplexity {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} "
+                     f"({r['ppl_after'] / r['ppl_before']:.2f}x) on {r['eval_tokens']:,} held-out tokens")
+    if r.get("onnx"):
+        lines.append(f"ONNX {r['onnx'].get('path')} (max |diff| vs torch {r['onnx'].get('max_abs_diff', 0):.2g})")
+    per = []
+    for layer, kinds in sorted(r["layers"].items(), key=lambda kv: (kv[0] != "model", int(kv[0]) if kv[0].isdigit() else -1)):
+        parts = [f"{k} {v['kept']}/{v['units']}" for k, v in kinds.items() if v["kept"] != v["units"]]
+        if parts:
+            per.append(f"  layer {layer}: " + ", ".join(parts))
+    if per:
+        lines.append("kept units:")
+        lines.extend(per)
+    for n in r.get("notes", []):
+        lines.append(f"note: {n}")
+    t = r.get("timings", {})
+    lines.append("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def _split(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+# -- eval / export ---------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace, say: _Say) -> int:
+    from .data import calibration_text, perplexity, token_windows
+
+    model, tok = _load(args.model, say)
+    if tok is None:
+        raise FxpruneError(f"{args.model} has no tokenizer to evaluate with")
+    text = calibration_text(args.text)
+    windows = token_windows(tok, text, args.windows, args.seqlen)
+    say(f"perplexity over {args.windows} x {args.seqlen} tokens")
+    res = perplexity(model, windows)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['ppl']:.3f} over {res['tokens']:,} tokens ({res['params']:,} parameters)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, say: _Say) -> int:
+    from .exporters.onnx import export_onnx
+    from .models import example_inputs
+
+    model, tok = _load(args.dir, say)
+    say("exporting ONNX")
+    rep = export_onnx(model, args.onnx, example_inputs(model, tok))
+    print(json.dumps(rep, default=str) if args.json else f"wrote {rep['path']} (max |diff| vs torch {rep['max_abs_diff']:.2g})")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxprune", description="Structured pruning compiler for PyTorch / HF models.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    i = sub.add_parser("inspect", parents=[common], help="show the dependency groups of a model")
+    i.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF dir, .gguf file, or builtin name")
+    i.add_argument("--config", help="build the model from a config.json on the meta device (no weights)")
+    i.add_argument("--json", metavar="FILE", help="write the groups as JSON")
+    i.add_argument("--graphml", metavar="FILE")
+    i.add_argument("--dot", metavar="FILE")
+    i.add_argument("--png", metavar="FILE", help="picture of one layer's groups")
+    i.add_argument("--svg", metavar="FILE")
+    i.add_argument("--layer", type=int, default=None)
+
+    pr = sub.add_parser("prune", parents=[common], help="prune a model and save it")
+    pr.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    pr.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters to remove")
+    pr.add_argument("--importance", default="l2")
+    pr.add_argument("--targets", default="heads,mlp", help="comma list of heads,kv_heads,mlp,hidden")
+    pr.add_argument("--layers", default=None, help="layer range START:END, e.g. 3:29")
+    pr.add_argument("--mode", default="local", choices=["local", "global"])
+    pr.add_argument("--round-to", type=int, default=1)
+    pr.add_argument("--aggregate", default="sum")
+    pr.add_argument("--calib", default=None, help="calibration text file (default: CPython's pydoc topics)")
+    pr.add_argument("--calib-samples", type=int, default=10)
+    pr.add_argument("--calib-seqlen", type=int, default=128)
+    pr.add_argument("--lora-rank", type=int, default=8)
+    pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
+    pr.add_argument("--out", default=None, help="directory for the pruned model")
+    pr.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    pr.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (verified)")
+    pr.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
+    pr.add_argument("--eval-windows", type=int, default=40)
+    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    e = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM")
+    e.add_argument("model")
+    e.add_argument("--text", default=None, help="text file (default: CPython's pydoc topics)")
+    e.add_argument("--seqlen", type=int, default=128)
+    e.add_argument("--windows", type=int, default=200)
+    e.add_argument("--json", action="store_true")
+
+    x = sub.add_parser("export", parents=[common], help="export a saved model to ONNX")
+    x.add_argument("dir")
+    x.add_argument("--onnx", required=True, metavar="FILE")
+    x.add_argument("--json", action="store_true")
+    return p
+
+
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    say = _Say(args.quiet or getattr(args, "json", False) is True)
+    try:
+        return COMMANDS[args.cmd](args, say)
+    except FxpruneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fxprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fxprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
