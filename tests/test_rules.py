@@ -1,0 +1,244 @@
+"""One tiny graph per coupling rule: the groups it must produce."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from fxprune.rules import RULES
+
+
+def groups_of(model, *inputs):
+    dg = fxprune.inspect_model(model.eval(), inputs if len(inputs) > 1 else inputs[0])
+    return dg
+
+
+def members(g):
+    return {(m.param, m.dim) for m in g.members}
+
+
+def find(dg, param, dim):
+    for g in dg.groups:
+        if (param, dim) in members(g):
+            return g
+    raise AssertionError(f"no group holds {param}:{dim}")
+
+
+def test_rules_are_a_table():
+    for op in ("linear", "view", "expand", "cat", "split", "slice", "scaled_dot_product_attention",
+               "embedding", "layer_norm", "transpose", "permute", "matmul", "addmm", "conv2d"):
+        assert callable(RULES[op])
+
+
+def test_linear_chain_couples_out_rows_bias_and_next_columns():
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    dg = groups_of(m, torch.randn(2, 4))
+    g = find(dg, "0.weight", 0)
+    assert members(g) == {("0.weight", 0), ("0.bias", 0), ("2.weight", 1)}
+    assert g.units == 6 and g.prunable
+    assert not find(dg, "2.weight", 0).prunable  # model output
+    assert "model output" in find(dg, "2.weight", 0).reason
+    assert not find(dg, "0.weight", 1).prunable  # model input
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc(self.norm(h))
+        return self.head(h)
+
+
+def test_residual_add_embedding_and_layernorm_share_the_hidden_group():
+    dg = groups_of(Residual(), torch.randint(0, 10, (2, 5)))
+    g = find(dg, "emb.weight", 1)
+    assert {("norm.weight", 0), ("norm.bias", 0), ("fc.weight", 0), ("fc.weight", 1),
+            ("fc.bias", 0), ("head.weight", 1)} <= members(g)
+    assert g.kind == "hidden" and g.inexact  # LayerNorm statistics change when channels go
+    vocab = find(dg, "emb.weight", 0)
+    assert not vocab.prunable and "vocabulary" in vocab.reason
+
+
+class Heads(nn.Module):
+    """Multi-head attention written with view / transpose / matmul / softmax."""
+
+    def __init__(self, d=8, h=2):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q = self.q(x).view(b, s, self.h, d // self.h).transpose(1, 2)
+        k = self.k(x).view(b, s, self.h, d // self.h).transpose(1, 2)
+        v = self.v(x).view(b, s, self.h, d // self.h).permute(0, 2, 1, 3)
+        a = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, s, d))
+
+
+def test_view_transpose_matmul_make_head_groups():
+    dg = groups_of(Heads(), torch.randn(2, 5, 8))
+    g = find(dg, "o.weight", 1)
+    assert g.kind == "heads" and g.units == 2 and g.unit_size == 4 and g.prunable
+    assert {("q.weight", 0), ("k.weight", 0), ("v.weight", 0), ("o.weight", 1)} <= members(g)
+    q = next(m for m in g.members if m.param == "q.weight")
+    assert q.unit_of.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+class Gqa(nn.Module):
+    """4 query heads sharing 2 kv heads through expand + reshape, as HF's repeat_kv does."""
+
+    def __init__(self, d=16, hq=4, hkv=2, hd=4):
+        super().__init__()
+        self.hq, self.hkv, self.hd = hq, hkv, hd
+        self.q = nn.Linear(d, hq * hd, bias=False)
+        self.k = nn.Linear(d, hkv * hd, bias=False)
+        self.v = nn.Linear(d, hkv * hd, bias=False)
+        self.o = nn.Linear(hq * hd, d, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, self.hd).transpose(1, 2)
+        n = self.hq // self.hkv
+        k = k[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
+        v = v[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_gqa_expand_reshape_gives_kv_groups_and_query_heads_inside_them():
+    dg = groups_of(Gqa(), torch.randn(2, 5, 16))
+    kv = find(dg, "k.weight", 0)
+    assert kv.kind == "kv_heads" and kv.units == 2
+    assert {("q.weight", 0), ("k.weight", 0), ("v.weight", 0), ("o.weight", 1)} == members(kv)
+    q = next(m for m in kv.members if m.param == "q.weight")
+    assert q.unit_of.tolist() == [0] * 8 + [1] * 8  # query heads 0,1 belong to kv head 0
+    heads = next(g for g in dg.groups if g.kind == "heads")
+    assert heads.units == 4 and heads.block == 2
+    assert members(heads) == {("q.weight", 0), ("o.weight", 1)}
+
+
+class FusedQkv(nn.Module):
+    def __init__(self, d=8, h=2):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.h, -1).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, s, d))
+
+
+def test_split_of_fused_qkv_maps_rows_of_each_head():
+    dg = groups_of(FusedQkv(), torch.randn(2, 5, 8))
+    g = find(dg, "o.weight", 1)
+    assert g.kind == "heads" and g.units == 2
+    qkv = next(m for m in g.members if m.param == "qkv.weight" and m.dim == 0)
+    # rows: q head0, q head1, k head0, k head1, v head0, v head1 (4 rows each)
+    assert qkv.unit_of.tolist() == ([0] * 4 + [1] * 4) * 3
+
+
+class GateUp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Linear(4, 12)
+        self.down = nn.Linear(6, 4)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def test_chunk_of_fused_gate_up_pairs_gate_and_up_rows():
+    dg = groups_of(GateUp(), torch.randn(2, 3, 4))
+    g = find(dg, "down.weight", 1)
+    assert g.kind == "mlp" and g.units == 6 and g.prunable
+    gu = next(m for m in g.members if m.param == "gate_up.weight")
+    assert gu.unit_of.tolist() == list(range(6)) * 2
+
+
+class RotateHalf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.o = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 2, 4)
+        q = q + torch.cat((-q[..., 2:], q[..., :2]), dim=-1)  # slice + neg + cat: rotate-half
+        return self.o(q.reshape(b, s, 8))
+
+
+def test_slice_and_cat_of_rotate_half_pin_head_dim_but_not_heads():
+    dg = groups_of(RotateHalf(), torch.randn(2, 3, 8))
+    heads = find(dg, "o.weight", 1)
+    assert heads.kind == "heads" and heads.prunable and heads.units == 2
+    pinned = [g for g in dg.groups if not g.prunable and "RoPE" in g.reason]
+    assert pinned, [g.reason for g in dg.groups]
+
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))).mean((2, 3))
+
+
+def test_conv2d_channels():
+    dg = groups_of(Convs(), torch.randn(2, 3, 6, 6))
+    g = find(dg, "c1.weight", 0)
+    assert members(g) == {("c1.weight", 0), ("c1.bias", 0), ("c2.weight", 1)} and g.prunable
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=-1))  # no rule for cumsum
+
+
+def test_unknown_op_pins_its_dims_and_is_named():
+    dg = groups_of(Unknown(), torch.randn(2, 4))
+    g = find(dg, "a.weight", 0)
+    assert not g.prunable and "cumsum" in g.reason
+    assert any("cumsum" in u for u in dg.unknown_ops)
+
+
+def test_tied_embedding_is_one_member_with_alias():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    dg = groups_of(LlamaForCausalLM(cfg), {"input_ids": torch.randint(0, 32, (2, 5))})
+    hidden = [g for g in dg.groups if g.kind == "hidden"]
+    assert len(hidden) == 1
+    names = [m.param for m in hidden[0].members]
+    emb = [m for m in hidden[0].members if "embed_tokens" in m.param or "lm_head" in m.param]
+    assert len(emb) == 1 and emb[0].aliases  # one parameter, two roles
+    assert "model.norm.weight" in names
+
+
+@pytest.mark.parametrize("batch", [1])
+def test_batch_of_one_is_refused(batch):
+    with pytest.raises(fxprune.FxpruneError, match="batch"):
+        fxprune.capture(nn.Linear(2, 2), torch.randn(batch, 2))
