@@ -66,7 +66,11 @@ def params_after(dg: DependencyGraph, plan: Plan) -> int:
     masks = KeepMasks(dg, plan)
     total = 0
     program = dg.program
+    seen: set[str] = set()
     for ph, name in program.params.items():
+        if name in seen:  # a tied parameter reached through a second placeholder
+            continue
+        seen.add(name)
         dims = dg.node_dims.get(ph) or []
         n = 1
         for var in dims:
