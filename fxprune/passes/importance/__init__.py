@@ -12,12 +12,18 @@ import numpy as np
 
 from ...errors import FxpruneError
 from .base import AGGREGATES, ImportanceRequest, aggregate, normalize, unit_scores
+from .lora import lora_importance
 from .magnitude import l1, l2, random
+from .taylor import taylor_element1, taylor_element2, taylor_mix, taylor_vector
 
 ImportanceFn = Callable[[ImportanceRequest], "dict[str, np.ndarray]"]
 
-IMPORTANCES: dict[str, ImportanceFn] = {"l1": l1, "l2": l2, "random": random}
-NEEDS_DATA: set[str] = set()
+IMPORTANCES: dict[str, ImportanceFn] = {
+    "l1": l1, "l2": l2, "random": random,
+    "taylor-vector": taylor_vector, "taylor-element1": taylor_element1,
+    "taylor-element2": taylor_element2, "taylor-mix": taylor_mix, "lora": lora_importance,
+}
+NEEDS_DATA: set[str] = {"taylor-vector", "taylor-element1", "taylor-element2", "taylor-mix", "lora"}
 
 
 def get_importance(name: str) -> ImportanceFn:
