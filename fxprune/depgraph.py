@@ -16,6 +16,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import torch
 from torch import nn
 
 from .capture import Program
@@ -159,6 +160,10 @@ def dependency_graph(program: Program) -> DependencyGraph:
                 solver.pin(v, reason)
         elif node.op == "call_function":
             rule_for(node)(ctx, node)
+            if not node.users and isinstance(node.meta.get("val"), torch.Tensor):
+                # computed but not returned (BERT's pooler when last_hidden_state is the output)
+                for v in _flat(ctx.dims.get(node)):
+                    solver.pin(v, "result not part of the captured outputs")
             for a in node.all_input_nodes:
                 name = program.params.get(a.name) or program.buffers.get(a.name)
                 if name:
