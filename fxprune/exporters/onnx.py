@@ -1,0 +1,515 @@
+"""ONNX export with onnxruntime parity checks.
+
+:func:`export_onnx` turns a module, a captured :class:`~fxprune.capture.Program` or a
+``PruneResult`` into an ONNX file (``torch.onnx.export(dynamo=True)`` at opset 20), names its inputs
+and outputs like the model's (``input_ids`` ... -> ``logits``), keeps the batch and sequence axes
+dynamic, checks the file with ``onnx.checker`` and, by default, runs it in onnxruntime on fresh
+inputs of a *different* shape than the capture example and compares with torch. Everything is
+written in a temporary directory beside the destination and moved into place only when all of
+that succeeded, so a failed export never leaves a half-written or wrong file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..capture import Program, call_extras, capture, main_outputs, normalize_inputs
+from ..errors import FxpruneError, VerificationError
+
+# Weights above this many bytes go to ``<name>.data`` beside the model: protobuf caps a single
+# file at 2 GiB, and the graph itself needs some of that room.
+EXTERNAL_DATA_BYTES = int(1.8e9)
+DEFAULT_OPSET = 20
+_GENERIC_OUTPUTS = ("output",)
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(
+    model_or_program: Any,
+    path: str | os.PathLike,
+    example_inputs: Any = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    atol: float = 1e-4,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    optimize: bool | None = None,
+) -> dict[str, Any]:
+    """Export a model to ONNX at ``path`` and (by default) verify it in onnxruntime.
+
+    Args:
+        model_or_program: an ``nn.Module`` (HF model, plain module or ``fx.GraphModule``) together
+            with ``example_inputs``; a :class:`Program` from :func:`fxprune.capture`; or a
+            ``PruneResult`` (anything with ``.model`` and ``.example_inputs``, or ``.program``).
+        path: destination ``.onnx`` file. Weights over ~1.8 GB go to ``<path>.data`` beside it.
+        example_inputs: tensor, tuple or dict of inputs with batch >= 2, used for capture (ignored
+            for a :class:`Program`, which carries its own).
+        opset: ONNX opset (20 is what fxprune tests against onnxruntime).
+        verify: run the file in onnxruntime on fresh inputs of another batch/sequence size and
+            compare every output with torch.
+        atol: largest allowed absolute difference between onnxruntime and torch.
+        input_names, output_names: override the names of the graph inputs / outputs (default: the
+            model's argument names and ``logits`` / ``last_hidden_state`` / ``output``).
+        optimize: run the onnxscript optimizer (constant folding, fusions: ~3x fewer nodes, about
+            twice the export time). Default: on below opset 23, where its output is known good.
+
+    Returns:
+        ``{"path", "opset", "max_abs_diff", "inputs", "outputs", "external_data", "seconds"}``;
+        ``inputs`` / ``outputs`` list ``{"name", "shape", "dtype"}`` with symbolic axes named
+        (``batch``, ``sequence``); ``max_abs_diff`` is ``None`` when ``verify=False``;
+        ``verified_on`` maps each input name to the shape onnxruntime was checked on.
+
+    Raises:
+        FxpruneError: bad arguments (no example inputs, model on the meta device, name counts).
+        CaptureError: the model cannot be captured with ``torch.export``.
+        VerificationError: the file fails ``onnx.checker``, onnxruntime cannot run it, or its
+            outputs differ from torch's by more than ``atol``. No file is left at ``path``.
+    """
+    t0 = time.perf_counter()
+    dest = Path(path)
+    if dest.is_dir():
+        raise FxpruneError(f"{dest} is a directory; give the path of the .onnx file to write")
+    program = _as_program(model_or_program, example_inputs)
+    if any(p.is_meta for p in program.model.parameters()):
+        raise FxpruneError("the model is on the meta device (no weights); load real weights to export ONNX")
+    in_names = _check_names("input", input_names, program.input_names)
+    out_names = _check_names("output", output_names, _output_names(program))
+
+    if optimize is None:
+        # at opset 23 the optimized graph fails in onnxruntime for batch > 1
+        optimize = opset < 23
+    onnx_program = _torch_export(program, opset, optimize)
+    _rename_io(onnx_program.model, program, in_names, out_names)
+    _strip_stack_traces(onnx_program.model)
+    big = _initializer_bytes(onnx_program.model) > EXTERNAL_DATA_BYTES
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        # same file name as the destination: the external-data reference inside the proto is
+        # "<name>.data", relative to the model file, so it stays valid after the move
+        staged = tmp / dest.name
+        onnx_program.save(staged, external_data=big)
+        _check(staged)
+        max_diff, shapes = _verify(staged, program, in_names, out_names, atol) if verify else (None, {})
+        data = tmp / f"{dest.name}.data"
+        old_data = dest.parent / data.name
+        if big:
+            os.replace(data, old_data)  # data first: the model file only appears complete
+        os.replace(staged, dest)
+        if not big and old_data.exists():
+            old_data.unlink()  # a stale data file from an earlier large export would mislead
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return {
+        "path": str(dest),
+        "opset": opset,
+        "max_abs_diff": max_diff,
+        "verified_on": shapes,
+        "inputs": _describe(onnx_program.model.graph.inputs),
+        "outputs": _describe(onnx_program.model.graph.outputs),
+        "external_data": big,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# -- what to export ----------------------------------------------------------------------------------
+
+
+def _as_program(obj: Any, example_inputs: Any) -> Program:
+    """A :class:`Program` for a Program, a module + inputs, or a PruneResult-like object."""
+    if isinstance(obj, Program):
+        return obj
+    if isinstance(obj, nn.Module):
+        if example_inputs is None:
+            raise FxpruneError(
+                f"export_onnx needs example inputs for a {type(obj).__name__} "
+                "(a tensor, tuple or dict with batch >= 2)"
+            )
+        return _capture(obj, example_inputs)
+    model = getattr(obj, "model", None)
+    program = getattr(obj, "program", None)
+    inputs = example_inputs if example_inputs is not None else getattr(obj, "example_inputs", None)
+    # A PruneResult's ``.program`` is the capture of the *original* model: exporting it would
+    # ship the unpruned network. Use it only when it really is the capture of ``.model``.
+    if isinstance(program, Program) and (model is None or program.model is model):
+        return program
+    if isinstance(model, nn.Module):
+        if inputs is None and isinstance(program, Program):
+            inputs = _program_inputs(program)
+        if inputs is None:
+            raise FxpruneError(f"{type(obj).__name__} has a model but no example inputs to capture it with")
+        captured = _capture(model, inputs)
+        if isinstance(program, Program) and _generic(captured.output_names):
+            # a pruned graph module has no config to tell ``logits`` apart: ask the original
+            names = _output_names(program)
+            if len(names) == len(captured.output_names):
+                captured.output_names = names
+        return captured
+    raise FxpruneError(
+        f"cannot export a {type(obj).__name__}: pass an nn.Module with example inputs, "
+        "a Program from fxprune.capture, or a PruneResult"
+    )
+
+
+def _program_inputs(program: Program) -> Any:
+    if program.example_kwargs and not program.example_args:
+        return dict(program.example_kwargs)
+    if not program.example_kwargs:
+        return tuple(program.example_args)
+    return None  # mixed positional + keyword inputs cannot be re-passed through normalize_inputs
+
+
+class _Positional(nn.Module):
+    """Calls a GraphModule with flat positional inputs, as fxprune's graph modules expect.
+
+    ``train``/``eval`` do not reach the graph: a module unlifted from torch.export refuses them
+    (and has no train/eval behaviour to switch).
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def train(self, mode: bool = True) -> "_Positional":
+        self.training = mode
+        return self
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.gm(*inputs)
+
+
+def _capture(model: nn.Module, example_inputs: Any) -> Program:
+    """``capture``; a GraphModule is fed positionally (its placeholders are not the HF names)."""
+    if isinstance(model, fx.GraphModule):
+        args, kwargs = normalize_inputs(example_inputs)
+        placeholders = [n.name for n in model.graph.nodes if n.op == "placeholder"]
+        program = capture(_Positional(model), tuple(args) + tuple(kwargs.values()))
+        names = [placeholders[i] if i < len(placeholders) else f"input_{i}" for i in range(len(args))]
+        program.input_names = names + list(kwargs)
+        return program
+    return capture(model, example_inputs)
+
+
+def _check_names(kind: str, given: Sequence[str] | None, default: list[str]) -> list[str]:
+    if given is None:
+        return list(default)
+    names = list(given)
+    if len(names) != len(default):
+        raise FxpruneError(f"{len(names)} {kind} names given, but the model has {len(default)} {kind}s")
+    if len(set(names)) != len(names):
+        raise FxpruneError(f"{kind} names must be distinct, got {names}")
+    return names
+
+
+def _generic(names: list[str]) -> bool:
+    return all(n in _GENERIC_OUTPUTS or n.startswith("output_") for n in names)
+
+
+def _output_names(program: Program) -> list[str]:
+    """The program's output names, or ``logits`` / ``last_hidden_state`` found by one eager call.
+
+    Capture may not record the names of a ``ModelOutput``; a forward on the (small) example
+    inputs tells which field the graph returns.
+    """
+    names = list(program.output_names)
+    if not _generic(names) or isinstance(program.model, fx.GraphModule) or not hasattr(program.model, "config"):
+        return names
+    with torch.no_grad():
+        out = _call(program.model, program.example_args, program.example_kwargs)
+    probed = main_outputs(out)[1]
+    return probed if len(probed) == len(names) else names
+
+
+# -- torch.onnx --------------------------------------------------------------------------------------
+
+
+def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
+    """Run ``torch.onnx.export`` on the program's ExportedProgram (dynamic dims come with it)."""
+    # "torchvision is not installed. Skipping torchvision::nms" x4 on every export: noise here
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # torch's own deprecation chatter (pytree LeafSpec, ...) is noise for fxprune users
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return torch.onnx.export(
+                program.exported, (), None, dynamo=True, opset_version=opset, optimize=optimize,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; give one clear line
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FxpruneError(
+                f"torch.onnx.export failed for {type(program.model).__name__} at opset {opset}: {msg}"
+            ) from exc
+        finally:
+            registry_log.setLevel(level)
+
+
+def _rename_io(model: Any, program: Program, in_names: list[str], out_names: list[str]) -> None:
+    """Give the graph inputs/outputs the model's names and the symbolic axes readable names."""
+    graph = model.graph
+    user_inputs = list(program.exported.graph_signature.user_inputs)
+    by_placeholder = {ph: in_names[i] for i, ph in enumerate(user_inputs) if i < len(in_names)}
+    used = _value_names(graph)
+    for value in graph.inputs:
+        if value.name in by_placeholder:
+            _rename(value, by_placeholder[value.name], used)
+    if len(graph.outputs) != len(out_names):
+        raise FxpruneError(f"the ONNX graph has {len(graph.outputs)} outputs, expected {len(out_names)}")
+    for value, name in zip(graph.outputs, out_names):
+        _rename(value, name, used)
+    _name_axes(graph, program)
+
+
+def _value_names(graph: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for v in list(graph.inputs) + list(graph.initializers.values()):
+        if v.name:
+            values[v.name] = v
+    for node in graph.all_nodes():
+        for v in node.outputs:
+            if v.name:
+                values[v.name] = v
+    return values
+
+
+def _rename(value: Any, name: str, used: dict[str, Any]) -> None:
+    if value.name == name:
+        return
+    other = used.get(name)
+    if other is not None and other is not value:  # free the name: an internal value holds it
+        k = 1
+        while f"{name}__{k}" in used:
+            k += 1
+        other.name = f"{name}__{k}"
+        used[other.name] = other
+    used.pop(value.name, None)
+    value.name = name
+    used[name] = value
+
+
+def _name_axes(graph: Any, program: Program) -> None:
+    """``s21`` -> ``batch``, ``s22`` -> ``sequence`` wherever a dim is exactly one input symbol."""
+    import onnx_ir as ir
+
+    names: dict[str, str] = {}
+    n_seq = 0
+    for node in _user_placeholders(program):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, size in enumerate(val.shape):
+            sym = str(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if sym is None or sym in names:
+                continue
+            if d == 0:  # inputs may get separate batch symbols; they must agree at run time anyway
+                names[sym] = "batch"
+            else:
+                n_seq += 1
+                names[sym] = "sequence" if n_seq == 1 else f"sequence_{n_seq}"
+    if not names:
+        return
+    values = list(graph.inputs) + [v for n in graph.all_nodes() for v in n.outputs]
+    for v in values:
+        if v.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in names for d in v.shape):
+            continue
+        dims = [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names else d
+                for d in v.shape]
+        v.shape = ir.Shape(dims)
+
+
+def _user_placeholders(program: Program) -> list[fx.Node]:
+    user = set(program.exported.graph_signature.user_inputs)
+    return [n for n in program.exported.graph.nodes if n.op == "placeholder" and n.name in user]
+
+
+def _strip_stack_traces(model: Any) -> None:
+    """Drop per-node Python stack traces: they hold this machine's file paths and most of the
+    graph's bytes; the module scope (``namespace``) stays for tools like Netron."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+
+
+def _initializer_bytes(model: Any) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += int(v.const_value.nbytes)
+    return total
+
+
+def _describe(values: Any) -> list[dict[str, Any]]:
+    out = []
+    for v in values:
+        shape = None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
+        out.append({"name": v.name, "shape": shape, "dtype": None if v.dtype is None else v.dtype.name.lower()})
+    return out
+
+
+# -- verification ------------------------------------------------------------------------------------
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))  # path form: works with external data and > 2 GB
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(f"onnx.checker rejected the exported model: {first}") from exc
+
+
+def fresh_inputs(program: Program, batch: int | None = None, seq: int | None = None,
+                 seed: int = 0) -> list[torch.Tensor]:
+    """New inputs for ``program``: dynamic dims resized (batch 3 x sequence 23 unless the example
+    already has that size), token ids random within the vocabulary, masks with some padding.
+
+    Returned in the graph's flat input order (positional args, then keyword values).
+    """
+    example = list(program.example_args) + list(program.example_kwargs.values())
+    tensors = [t for t in example if isinstance(t, torch.Tensor)]
+    ex_batch = tensors[0].shape[0] if tensors and tensors[0].dim() else 2
+    new_batch = batch or (3 if ex_batch != 3 else 4)
+    g = torch.Generator().manual_seed(seed)
+    placeholders = _user_placeholders(program)
+    vocab = _vocab_size(program.model, example)
+    out: list[torch.Tensor] = []
+    for i, t in enumerate(example):
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        val = placeholders[i].meta.get("val") if i < len(placeholders) else None
+        shape = list(t.shape)
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if not isinstance(size, torch.SymInt):
+                continue  # a static dim (hidden size, image side) keeps its size
+            if d == 0:
+                shape[d] = new_batch
+            else:
+                want = seq or (23 if t.shape[d] != 23 else 29)
+                shape[d] = _clamp(program, size, want)
+        name = program.input_names[i] if i < len(program.input_names) else ""
+        out.append(_random_like(t, shape, name, vocab, g))
+    return out
+
+
+def _clamp(program: Program, size: torch.SymInt, want: int) -> int:
+    """Stay inside the range torch.export proved for this dim (e.g. <= max_position_embeddings)."""
+    rng = program.exported.range_constraints.get(size.node.expr)
+    if rng is None:
+        return want
+    # torch's int_oo claims is_finite; only a plain sympy Integer is a real bound
+    lo, hi = rng.lower, rng.upper
+    if getattr(hi, "is_Integer", False) and want > int(hi):
+        want = int(hi)
+    if getattr(lo, "is_Integer", False) and want < int(lo):
+        want = int(lo)
+    return want
+
+
+def _vocab_size(model: nn.Module, example: list[Any]) -> int | None:
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    ids = [t for t in example if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel()]
+    return int(max(int(t.max()) for t in ids)) + 1 if ids else None
+
+
+def _random_like(t: torch.Tensor, shape: list[int], name: str, vocab: int | None,
+                 g: torch.Generator) -> torch.Tensor:
+    if t.is_floating_point():
+        return torch.randn(shape, generator=g, dtype=t.dtype)
+    if t.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    if "mask" in name and len(shape) == 2:
+        mask = torch.ones(shape, dtype=t.dtype)
+        if shape[0] > 1 and shape[1] > 2:
+            mask[-1, -(shape[1] // 3):] = 0  # right padding on one row: the mask path is exercised
+        return mask
+    if "position" in name and len(shape) == 2:
+        return torch.arange(shape[1], dtype=t.dtype).expand(shape).contiguous()
+    seen_high = int(t.max()) + 1 if t.numel() else 1
+    if vocab and ("input_ids" in name or name in ("input", "ids", "tokens")):
+        high = vocab
+    else:  # token types and other integer inputs: stay within the example's range
+        high = seen_high
+    low = min(0, int(t.min())) if t.numel() else 0
+    return torch.randint(low, max(high, low + 1), shape, generator=g, dtype=t.dtype)
+
+
+def _call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    if isinstance(model, fx.GraphModule):  # fxprune graph modules take inputs positionally
+        return model(*args, *kwargs.values())
+    return model(*args, **kwargs, **call_extras(model))
+
+
+def reference_outputs(program: Program, flat: list[Any]) -> list[torch.Tensor]:
+    """torch's outputs for the flat inputs: the eager model (the ground truth the user runs)."""
+    n_args = len(program.example_args)
+    args, kwargs = tuple(flat[:n_args]), dict(zip(program.example_kwargs, flat[n_args:]))
+    model = program.model
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return main_outputs(_call(model, args, kwargs))[0]
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+
+
+def _verify(path: Path, program: Program, in_names: list[str], out_names: list[str],
+            atol: float) -> tuple[float, dict[str, list[int]]]:
+    """Max |onnxruntime - torch| over all outputs on fresh inputs (and those inputs' shapes);
+    raises above ``atol``."""
+    import onnxruntime as ort
+
+    flat = fresh_inputs(program)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT warns about unused initializers etc. on stderr
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph_inputs = {i.name for i in sess.get_inputs()}
+        feed = {n: t.numpy() for n, t in zip(in_names, flat)
+                if isinstance(t, torch.Tensor) and n in graph_inputs}
+        got = sess.run(None, feed)
+    except Exception as exc:  # ORT's pybind errors (Fail, InvalidGraph, ...) share no useful base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(f"onnxruntime could not run the exported model: {first}") from exc
+    shapes = {n: list(t.shape) for n, t in zip(in_names, flat) if isinstance(t, torch.Tensor)}
+    want = reference_outputs(program, flat)
+    if len(got) != len(want):
+        raise VerificationError(f"ONNX model returns {len(got)} outputs, torch returns {len(want)}")
+    worst = 0.0
+    for name, a, b in zip(out_names, got, want):
+        b = b.detach().float().numpy()
+        if a.shape != b.shape:
+            raise VerificationError(f"ONNX output '{name}' has shape {a.shape}, torch {b.shape}")
+        a = a.astype(np.float32)
+        nan_a, nan_b = np.isnan(a), np.isnan(b)
+        if (nan_a != nan_b).any():
+            raise VerificationError(f"ONNX output '{name}' has NaNs where torch has none (or vice versa)")
+        diff = float(np.abs(a - b)[~nan_a].max()) if (~nan_a).any() else 0.0
+        if not diff <= atol:
+            raise VerificationError(f"ONNX output '{name}' differs from torch by {diff:.3g} (> {atol})")
+        worst = max(worst, diff)
+    log.debug("onnx parity on %s: max |diff| %.3g", shapes, worst)
+    return worst, shapes

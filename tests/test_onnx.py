@@ -1,0 +1,228 @@
+"""ONNX export: names, dynamic axes, onnxruntime parity, atomic writes, external data."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import fx, nn
+
+import fxprune
+from fxprune.errors import FxpruneError, VerificationError
+from fxprune.exporters import onnx as onnx_exp
+from fxprune.exporters.onnx import export_onnx
+
+VOCAB = 64
+
+
+def tiny(name: str) -> nn.Module:
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=True)).eval()
+    if name == "bert":
+        return BertModel(BertConfig(**common, num_attention_heads=4, max_position_embeddings=64)).eval()
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                          bos_token_id=0, eos_token_id=0)).eval()
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 8)).eval()
+    raise KeyError(name)
+
+
+def example(name: str, batch: int = 2, seq: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "mlp":
+        return torch.randn(batch, 16, generator=g)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    if name == "gpt2":
+        return {"input_ids": ids}
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[0, -2:] = 0  # some right padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+EXPECTED = {
+    "llama": (["input_ids", "attention_mask"], ["logits"]),
+    "bert": (["input_ids", "attention_mask"], ["last_hidden_state"]),
+    "gpt2": (["input_ids"], ["logits"]),
+    "mlp": (["input"], ["output"]),
+}
+
+
+def torch_out(model: nn.Module, x) -> np.ndarray:
+    with torch.no_grad():
+        if isinstance(x, dict):
+            out = model(**x, **({"use_cache": False} if hasattr(model, "config") else {}))
+        else:
+            out = model(x)
+    if not isinstance(out, torch.Tensor):
+        out = out["logits"] if "logits" in out else out["last_hidden_state"]
+    return out.numpy()
+
+
+def ort_out(path: Path, x) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"input": x.numpy()}
+    return sess.run(None, feed)[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Export each tiny model once; tests share the files and reports."""
+    root = tmp_path_factory.mktemp("onnx")
+    done = {}
+    for name in EXPECTED:
+        model = tiny(name)
+        path = root / f"{name}.onnx"
+        report = export_onnx(model, path, example(name))
+        done[name] = (model, path, report)
+    return done
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_export_names_and_parity(exported, name):
+    model, path, report = exported[name]
+    ins, outs = EXPECTED[name]
+    assert path.is_file() and report["path"] == str(path)
+    assert report["opset"] == 20 and report["external_data"] is False
+    assert report["max_abs_diff"] is not None and report["max_abs_diff"] <= 1e-4
+    verified = report["verified_on"][ins[0]]
+    assert verified[0] == 3 and (name == "mlp" or verified[1] == 23)  # not the capture shape
+    assert [i["name"] for i in report["inputs"]] == ins
+    assert [o["name"] for o in report["outputs"]] == outs
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ins
+    assert [o.name for o in proto.graph.output] == outs
+    assert not (path.parent / f"{path.name}.data").exists()  # small model: one file
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_dynamic_axes(exported, name):
+    model, path, report = exported[name]
+    shape = report["inputs"][0]["shape"]
+    assert shape[0] == "batch"
+    if name != "mlp":
+        assert shape[1] == "sequence"
+    for batch, seq, seed in [(3, 23, 1), (1, 5, 2), (5, 40, 3)]:
+        x = example(name, batch, seq, seed)
+        got, want = ort_out(path, x), torch_out(model, x)
+        assert got.shape == want.shape
+        assert float(np.abs(got - want).max()) <= 1e-4, (name, batch, seq)
+
+
+def test_program_input_and_renaming(tmp_path):
+    model = tiny("gpt2")
+    program = fxprune.capture(model, example("gpt2"))
+    path = tmp_path / "sub" / "g.onnx"
+    rep = export_onnx(program, path, input_names=["ids"], output_names=["scores"])
+    assert [i["name"] for i in rep["inputs"]] == ["ids"]
+    assert [o["name"] for o in rep["outputs"]] == ["scores"]
+    x = torch.randint(0, VOCAB, (2, 9))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["scores"], {"ids": x.numpy()})[0]
+    np.testing.assert_allclose(got, torch_out(model, {"input_ids": x}), atol=1e-4)
+    program.exported.module()(x)  # the caller's program still runs after export
+    with pytest.raises(FxpruneError):
+        export_onnx(program, tmp_path / "bad.onnx", input_names=["a", "b"])
+
+
+def test_prune_result_exports_the_pruned_model(tmp_path):
+    model = tiny("llama")
+    x = example("llama")
+    result = fxprune.prune(model, x, ratio=0.3, targets=("heads", "mlp"))
+    assert result.program.model is model  # the original capture: must not be what gets exported
+    path = tmp_path / "pruned.onnx"
+    rep = export_onnx(result, path)
+    assert rep["max_abs_diff"] <= 1e-4
+    fresh = example("llama", 3, 11, seed=5)
+    np.testing.assert_allclose(ort_out(path, fresh), torch_out(result.model, fresh), atol=1e-4)
+    n_pruned = sum(p.numel() for p in result.model.parameters())
+    n_dense = sum(p.numel() for p in model.parameters())
+    assert n_pruned < n_dense
+    init = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    assert init < n_dense
+    # when the pruned eager module cannot run, a PruneResult carries the pruned graph module
+    as_graph = types.SimpleNamespace(model=result.graph_module, example_inputs=x, program=result.program)
+    rep = export_onnx(as_graph, tmp_path / "graph.onnx")
+    assert [i["name"] for i in rep["inputs"]] == ["input_ids", "attention_mask"]
+    assert [o["name"] for o in rep["outputs"]] == ["logits"]
+    np.testing.assert_allclose(ort_out(tmp_path / "graph.onnx", fresh), torch_out(result.model, fresh), atol=1e-4)
+
+
+def test_graph_module_and_duck_typed_result(tmp_path):
+    mlp = tiny("mlp")
+    gm = fx.symbolic_trace(mlp)
+    rep = export_onnx(gm, tmp_path / "gm.onnx", example("mlp"))
+    assert rep["max_abs_diff"] <= 1e-4
+    # a PruneResult-like object without a program: its model is captured with its inputs
+    obj = types.SimpleNamespace(model=tiny("bert"), example_inputs=example("bert"))
+    rep = export_onnx(obj, tmp_path / "ns.onnx")
+    assert [i["name"] for i in rep["inputs"]] == ["input_ids", "attention_mask"]
+    with pytest.raises(FxpruneError):
+        export_onnx(mlp, tmp_path / "x.onnx")  # a module needs example inputs
+    with pytest.raises(FxpruneError):
+        export_onnx(object(), tmp_path / "y.onnx")
+
+
+def test_wrong_reference_raises_and_leaves_nothing(tmp_path, monkeypatch):
+    real = onnx_exp.reference_outputs
+
+    def perturbed(program, flat):
+        return [t + 1e-2 for t in real(program, flat)]
+
+    monkeypatch.setattr(onnx_exp, "reference_outputs", perturbed)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(VerificationError, match=r"ONNX output 'logits' differs from torch by"):
+        export_onnx(tiny("gpt2"), path, example("gpt2"))
+    assert list(tmp_path.iterdir()) == []  # no model, no data file, no temp dir
+
+    # an existing file at the destination survives a failed export untouched
+    path.write_bytes(b"old")
+    with pytest.raises(VerificationError, match=r"ONNX output 'output' differs"):
+        export_onnx(tiny("mlp"), path, example("mlp"))
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_verify_off_and_atol(tmp_path):
+    rep = export_onnx(tiny("mlp"), tmp_path / "m.onnx", example("mlp"), verify=False)
+    assert rep["max_abs_diff"] is None
+    rep = export_onnx(tiny("mlp"), tmp_path / "n.onnx", example("mlp"), optimize=False, atol=1e-6)
+    assert rep["max_abs_diff"] <= 1e-6
+    with pytest.raises(FxpruneError):
+        export_onnx(tiny("mlp"), tmp_path, example("mlp"))  # a directory is not a file path
+
+
+def test_external_data_when_large(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_exp, "EXTERNAL_DATA_BYTES", 0)  # treat the tiny model as large
+    model = tiny("mlp")
+    path = tmp_path / "model.onnx"
+    rep = export_onnx(model, path, example("mlp"))
+    assert rep["external_data"] is True
+    data = tmp_path / "model.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert {e.value for t in weights for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+    onnx.checker.check_model(str(path))
+    x = example("mlp", 3, seed=4)
+    np.testing.assert_allclose(ort_out(path, x), torch_out(model, x), atol=1e-4)
+
+    # exporting a small model over it removes the stale data file
+    monkeypatch.setattr(onnx_exp, "EXTERNAL_DATA_BYTES", int(1.8e9))
+    rep = export_onnx(model, path, example("mlp"))
+    assert rep["external_data"] is False and not data.exists()
+    np.testing.assert_allclose(ort_out(path, x), torch_out(model, x), atol=1e-4)
