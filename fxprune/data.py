@@ -1,8 +1,13 @@
-"""Calibration and evaluation text: token windows and perplexity (LLM-Pruner's protocol)."""
+"""Calibration and evaluation text: token windows and perplexity (LLM-Pruner's protocol).
+
+The default text is CPython's own ``pydoc_data.topics`` (about 465 KB of English reference prose),
+so calibration and evaluation work offline with no data set installed.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,66 +17,143 @@ from torch import nn
 
 from .errors import FxpruneError
 
+# Tokens kept beyond the ones needed when tokenising a prefix of the text: a prefix cut inside a
+# word could tokenise its end differently from the whole text; tokens this far back cannot change.
+_MARGIN = 64
+_FIX = "give a longer text file or fewer/shorter windows"
+
 
 def calibration_text(path: str | None) -> str:
-    """The text of ``path``; with None, CPython's own ``pydoc_data.topics`` (~465 KB of English)."""
+    """The text of the file ``path``; with None, CPython's ``pydoc_data.topics`` (~465 KB of English).
+
+    A missing, unreadable or empty file raises :class:`FxpruneError`.
+    """
     if path is None:
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics.values())
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        text = Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise FxpruneError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
+    if not text.strip():
+        raise FxpruneError(f"text file {path} is empty; give a file of plain text")
+    return text
 
 
-def _tokens(tokenizer: Any, text: str, needed: int) -> torch.Tensor:
-    """Token ids of ``text``, tokenised in chunks, stopping once ``needed`` tokens are there."""
-    out: list[int] = []
-    step = 200_000
-    for start in range(0, len(text), step):
-        out.extend(tokenizer(text[start : start + step], add_special_tokens=False)["input_ids"])
-        if len(out) >= needed:
-            break
-    return torch.tensor(out, dtype=torch.long)
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _tokens(tokenizer: Any, text: str, needed: int) -> tuple[torch.Tensor, bool]:
+    """The first ``needed`` token ids of ``text`` (fewer if it is short), and whether that is all of it.
+
+    Tokenises growing prefixes cut at line ends, so a 100 MB file costs no more than the
+    windows need; the ids equal those of tokenising the whole text.
+    """
+    size = max(8 * (needed + _MARGIN), 1 << 16)
+    while size < len(text):
+        cut = text.rfind("\n", size // 2, size)
+        cut = cut + 1 if cut > 0 else size
+        ids = _encode(tokenizer, text[:cut])
+        if len(ids) >= needed + _MARGIN:
+            return torch.tensor(ids[:needed], dtype=torch.long), False
+        size *= 2
+    ids = _encode(tokenizer, text)
+    return torch.tensor(ids[:needed], dtype=torch.long), True
+
+
+def _check(n: int, seqlen: int, what: str) -> None:
+    if n < 1 or seqlen < 2:
+        raise FxpruneError(f"{what} need at least 1 window of 2 tokens, got {n} x {seqlen}")
 
 
 def token_windows(tokenizer: Any, text: str, n: int, seqlen: int, *, offset_tokens: int = 0) -> torch.Tensor:
-    """``n`` non-overlapping windows of ``seqlen`` tokens, from ``offset_tokens`` on: shape (n, seqlen)."""
-    if n < 1 or seqlen < 2:
-        raise FxpruneError(f"need at least 1 window of 2 tokens, got {n} x {seqlen}")
+    """``n`` non-overlapping windows of ``seqlen`` tokens of ``text``, from token ``offset_tokens`` on.
+
+    Returns a LongTensor of shape (n, seqlen); no special tokens are added. Too short a text
+    raises :class:`FxpruneError` naming how many tokens there are and how many are needed.
+    """
+    _check(n, seqlen, "token windows")
+    if offset_tokens < 0:
+        raise FxpruneError(f"offset_tokens must be >= 0, got {offset_tokens}")
     needed = offset_tokens + n * seqlen
-    ids = _tokens(tokenizer, text, needed)
+    ids, _ = _tokens(tokenizer, text, needed)
     if ids.numel() < needed:
-        raise FxpruneError(
-            f"the text has {ids.numel()} tokens; {n} x {seqlen} = {n * seqlen} are needed"
-            + (f" after {offset_tokens} calibration tokens" if offset_tokens else "")
-            + ": give a longer file or fewer/shorter samples"
-        )
+        after = f" after the first {offset_tokens}" if offset_tokens else ""
+        raise FxpruneError(f"calibration text has {ids.numel()} tokens; {n} x {seqlen} = {n * seqlen} "
+                           f"needed{after}: {_FIX}")
     return ids[offset_tokens:needed].view(n, seqlen)
 
 
-def split_calib_eval(tokenizer: Any, text: str, calib_n: int, seqlen: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration windows from the start of ``text`` and held-out evaluation windows after them."""
-    total = token_windows(tokenizer, text, calib_n + eval_windows, seqlen)
-    return total[:calib_n], total[calib_n:]
+def split_calib_eval(tokenizer: Any, text: str, calib_n: int, seqlen: int,
+                     eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint calibration and held-out evaluation windows of one text.
+
+    Calibration takes ``calib_n`` windows from the start, evaluation the ``eval_windows`` windows
+    that follow; both are (k, seqlen) LongTensors and share no token.
+    """
+    _check(calib_n, seqlen, "calibration windows")
+    _check(eval_windows, seqlen, "evaluation windows")
+    needed = (calib_n + eval_windows) * seqlen
+    ids, _ = _tokens(tokenizer, text, needed)
+    if ids.numel() < needed:
+        raise FxpruneError(f"calibration text has {ids.numel()} tokens; ({calib_n} calibration + {eval_windows} "
+                           f"evaluation) x {seqlen} = {needed} needed: {_FIX}")
+    windows = ids.view(calib_n + eval_windows, seqlen)
+    return windows[:calib_n], windows[calib_n:]
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):  # HF ModelOutput is a Mapping
+        if out.get("logits") is None:
+            raise FxpruneError(f"the model returns no logits ({', '.join(out.keys())}); "
+                               f"perplexity needs a causal language model")
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise FxpruneError(f"the model returned {type(out).__name__}, not logits; perplexity needs a causal LM")
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """exp(mean next-token NLL) over independent windows; ``{"ppl", "tokens"}``."""
-    from .capture import call_extras, main_outputs
+    """Perplexity over independent windows, LLM-Pruner's protocol: exp(mean next-token NLL).
 
+    Each row of ``windows`` (n, seqlen) is scored on its own, labels = inputs shifted by one, so
+    ``tokens`` = n x (seqlen - 1). HF models are called as ``model(input_ids=..., use_cache=False)``,
+    other modules (an FX GraphModule, say) as ``model(ids)`` and must return logits (B, L, V).
+    ``progress(done, total)`` is called after each batch. Returns ``{"ppl", "nll", "tokens"}``.
+    """
+    from .capture import call_extras
+
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise FxpruneError(f"perplexity needs windows of shape (n, seqlen >= 2), got {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise FxpruneError(f"batch_size must be >= 1, got {batch_size}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else windows.device
+    hf = getattr(model, "config", None) is not None
+    extras = call_extras(model) if hf else {}
+    was_training = model.training
+    model.eval()
     nll, count = 0.0, 0
-    hf = hasattr(model, "config")
-    for i in range(0, windows.shape[0], batch_size):
-        x = windows[i : i + batch_size]
-        out = model(input_ids=x, **call_extras(model)) if hf else model(x)
-        logits = main_outputs(out)[0][0].float()
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        count += x[:, 1:].numel()
-        if progress:
-            progress(i + x.shape[0], windows.shape[0])
-    return {"ppl": math.exp(nll / count), "tokens": int(count)}
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            x = windows[i : i + batch_size].to(device=device, dtype=torch.long)
+            logits = _logits(model(input_ids=x, **extras) if hf else model(x))
+            if logits.dim() != 3 or logits.shape[:2] != x.shape:
+                raise FxpruneError(f"the model's logits have shape {tuple(logits.shape)}; perplexity needs "
+                                   f"(batch, seqlen, vocab) = ({x.shape[0]}, {x.shape[1]}, V)")
+            for row in range(x.shape[0]):  # one row at a time: float32 logits of a 128k vocab are large
+                nll += F.cross_entropy(logits[row, :-1].float(), x[row, 1:], reduction="sum").item()
+            count += x.shape[0] * (x.shape[1] - 1)
+            if progress is not None:
+                progress(i + x.shape[0], windows.shape[0])
+    finally:
+        model.train(was_training)
+    mean = nll / count
+    ppl = math.exp(mean) if mean < 700 else math.inf
+    return {"ppl": ppl, "nll": mean, "tokens": int(count)}

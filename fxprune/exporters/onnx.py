@@ -60,7 +60,9 @@ def export_onnx(
         opset: ONNX opset (20 is what fxprune tests against onnxruntime).
         verify: run the file in onnxruntime on fresh inputs of another batch/sequence size and
             compare every output with torch.
-        atol: largest allowed absolute difference between onnxruntime and torch.
+        atol: allowed difference between onnxruntime and torch, relative to the output's scale:
+            an output passes when ``max|ort - torch| <= atol * max(1, max|torch|)`` (float32
+            rounding grows with magnitude; LM logits reach 20-40).
         input_names, output_names: override the names of the graph inputs / outputs (default: the
             model's argument names and ``logits`` / ``last_hidden_state`` / ``output``).
         optimize: run the onnxscript optimizer (constant folding, fusions: ~3x fewer nodes, about
@@ -76,7 +78,7 @@ def export_onnx(
         FxpruneError: bad arguments (no example inputs, model on the meta device, name counts).
         CaptureError: the model cannot be captured with ``torch.export``.
         VerificationError: the file fails ``onnx.checker``, onnxruntime cannot run it, or its
-            outputs differ from torch's by more than ``atol``. No file is left at ``path``.
+            outputs differ from torch's by more than ``atol`` (scaled). No file is left at ``path``.
     """
     t0 = time.perf_counter()
     dest = Path(path)
@@ -508,8 +510,10 @@ def _verify(path: Path, program: Program, in_names: list[str], out_names: list[s
         if (nan_a != nan_b).any():
             raise VerificationError(f"ONNX output '{name}' has NaNs where torch has none (or vice versa)")
         diff = float(np.abs(a - b)[~nan_a].max()) if (~nan_a).any() else 0.0
-        if not diff <= atol:
-            raise VerificationError(f"ONNX output '{name}' differs from torch by {diff:.3g} (> {atol})")
+        scale = max(1.0, float(np.abs(b[~nan_b]).max())) if (~nan_b).any() else 1.0
+        if not diff <= atol * scale:
+            raise VerificationError(f"ONNX output '{name}' differs from torch by {diff:.3g} "
+                                    f"(> {atol} x output scale {scale:.3g})")
         worst = max(worst, diff)
     log.debug("onnx parity on %s: max |diff| %.3g", shapes, worst)
     return worst, shapes
