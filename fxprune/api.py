@@ -7,6 +7,7 @@ replays a saved plan instead of scoring.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,7 +20,9 @@ from .capture import Program, capture, call_extras, main_outputs, normalize_inpu
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, ImportanceRequest, get_importance
+from .passes.recovery import recover, sync_graph_module
 from .passes.rewrite import apply_plan
+from .passes.schedule import Schedule, check_options, iterative_prune
 from .passes.select import Selection, parse_layers, select
 from .plan import Plan
 
@@ -74,7 +77,7 @@ def prune(
     example_inputs: Any = None,
     *,
     ratio: float = 0.3,
-    importance: str = "l2",
+    importance: str | None = None,
     targets: Sequence[str] = ("heads", "mlp"),
     layers: str | range | None = None,
     mode: str = "local",
@@ -82,6 +85,12 @@ def prune(
     aggregate: str = "sum",
     calib: torch.Tensor | list[torch.Tensor] | None = None,
     plan: Plan | None = None,
+    iterative: bool = False,
+    steps: int = 20,
+    prune_every: int = 5,
+    ema: float = 0.9,
+    recover_steps: int = 0,
+    lr: float = 2e-4,
     tokenizer: Any = None,
     lora_rank: int = 8,
     seed: int = 0,
@@ -95,12 +104,21 @@ def prune(
             token ids when omitted.
         ratio: fraction of all parameters to remove, in (0, 1).
         importance: ``l1``, ``l2``, ``random``, or a gradient pass (``taylor-*``, ``lora``) that
-            needs ``calib`` token windows.
+            needs ``calib`` token windows. Default ``l2``, or ``lora`` when ``iterative``.
         targets: group kinds to prune: ``heads``, ``kv_heads``, ``mlp``, ``hidden``.
         layers: ``"3:29"`` or a ``range``: prune only these layers.
         mode: ``local`` (same fraction per group) or ``global`` ranking.
         round_to: keep a multiple of this many units per group (hardware-friendly widths).
         aggregate: how member scores combine: sum, mean, max, prod, last.
+        iterative: LoRAPrune's schedule instead of one-shot scoring: masks, LoRA fine-tuning on
+            ``calib`` between mask updates, moving-average scores, cubic sparsity schedule; the
+            final masks are rewritten as usual (:mod:`fxprune.passes.schedule`).
+        steps: LoRA steps of the iterative run (one calibration window per step), >= 1.
+        prune_every: steps between mask updates (the last step always updates), 1..steps.
+        ema: moving-average weight of the old scores, ``s <- ema*s + (1-ema)*s_new``, in [0, 1).
+        recover_steps: LLM-Pruner's recovery: LoRA-fine-tune the pruned model on ``calib`` for this
+            many steps, then merge the adapters (no extra parameters); 0 = off.
+        lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
         plan: replay this plan instead of scoring and selecting.
     """
     say = progress or (lambda msg: None)
@@ -111,6 +129,14 @@ def prune(
         raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(KIND_NAMES)}")
     if aggregate not in AGGREGATES:
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
+    check_options(steps=steps, prune_every=prune_every, ema=ema, recover_steps=recover_steps, lr=lr,
+                  lora_rank=lora_rank)
+    if iterative and plan is not None:
+        raise FxpruneError("iterative pruning makes its own plan; drop plan= (--plan) or iterative")
+    if (iterative or recover_steps) and not _batches(calib):
+        what = "iterative pruning" if iterative else "recover_steps"
+        raise FxpruneError(f"{what} fine-tunes on calibration text; pass calib=... (--calib FILE)")
+    importance = importance or ("lora" if iterative else "l2")
     if plan is None and not 0.0 < float(ratio) < 1.0:
         raise FxpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
     importance_fn = get_importance(importance) if plan is None else None
@@ -127,6 +153,7 @@ def prune(
     say("dependency graph")
     dg = dependency_graph(program)
     timings["groups_s"] = time.perf_counter() - t
+    rewrite_from, history = program, None  # iterative runs rewrite their fine-tuned copy instead
 
     if plan is None:
         t = time.perf_counter()
@@ -139,13 +166,23 @@ def prune(
         batches = _batches(calib)
         if importance in NEEDS_DATA and not batches:
             raise FxpruneError(f"importance '{importance}' needs calibration text (--calib FILE)")
-        say(f"importance ({importance})")
-        req = ImportanceRequest(model, dg, groups, batches, aggregate, seed, lora_rank)
-        scores = importance_fn(req) if groups else {}
-        timings["importance_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        say("select")
-        plan = select(dg, scores, sel)
+        if iterative:
+            sched = Schedule(steps, prune_every, ema, lr, lora_rank, importance)
+            it = iterative_prune(program, dg, sel, batches, sched, aggregate=aggregate, seed=seed, progress=say)
+            plan, history = it.plan, it.history
+            rewrite_from = dataclasses.replace(program, model=it.model)
+            plan.meta.update({"schedule": "iterative", "steps": steps, "prune_every": prune_every,
+                              "ema": ema, "lr": lr})
+            timings["iterative_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+        else:
+            say(f"importance ({importance})")
+            req = ImportanceRequest(model, dg, groups, batches, aggregate, seed, lora_rank)
+            scores = importance_fn(req) if groups else {}
+            timings["importance_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            say("select")
+            plan = select(dg, scores, sel)
         plan.meta.update({"importance": importance, "ratio": ratio, "targets": list(targets),
                           "layers": None if layer_range is None else f"{layer_range.start}:{layer_range.stop}",
                           "mode": mode, "round_to": round_to, "aggregate": aggregate})
@@ -153,16 +190,28 @@ def prune(
 
     t = time.perf_counter()
     say("rewrite")
-    rw = apply_plan(program, dg, plan)
+    rw = apply_plan(rewrite_from, dg, plan)
     timings["rewrite_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("verify")
     pruned_model, notes = _check_eager(rw.model, rw.graph_module, example_inputs, rw.notes)
     timings["verify_s"] = time.perf_counter() - t
+    recovery = None
+    if recover_steps:
+        t = time.perf_counter()
+        recovery = recover(pruned_model, _batches(calib), steps=recover_steps, lr=lr, rank=lora_rank,
+                           seed=seed, progress=say)
+        sync_graph_module(rw.graph_module, pruned_model)
+        pruned_model, notes = _check_eager(pruned_model, rw.graph_module, example_inputs, notes)
+        timings["recovery_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     report = build_report(model, pruned_model, dg, plan, example_inputs, timings, notes)
+    if history is not None:
+        report["iterative"] = history
+    if recovery is not None:
+        report["recovery"] = recovery
     return PruneResult(pruned_model, rw.graph_module, plan, report, program, dg, example_inputs,
                        tokenizer, model)
 

@@ -134,11 +134,12 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         raise FxpruneError(f"output directory {out} exists and is not empty; pass --force to replace it")
     from .passes.importance import IMPORTANCES, NEEDS_DATA
 
-    if args.importance not in IMPORTANCES:
+    if args.importance is not None and args.importance not in IMPORTANCES:
         raise FxpruneError(f"unknown importance '{args.importance}'; choose one of {', '.join(sorted(IMPORTANCES))}")
     model, tok = _load(args.model, say)
     calib = eval_windows = None
-    needs_text = args.importance in NEEDS_DATA or args.eval
+    # iterative pruning and recovery fine-tune on the calibration text
+    needs_text = args.importance in NEEDS_DATA or args.eval or args.iterative or args.recover_steps > 0
     if needs_text and tok is None:
         raise FxpruneError(f"{args.model} has no tokenizer; calibration and --eval need one")
     if needs_text:
@@ -152,6 +153,8 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         model, ratio=args.ratio, importance=args.importance, targets=_split(args.targets),
         layers=args.layers, mode=args.mode, round_to=args.round_to, aggregate=args.aggregate,
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
+        iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
+        recover_steps=args.recover_steps, lr=args.lr,
     )
     report = result.report
     if eval_windows is not None:
@@ -185,6 +188,10 @@ def format_report(r: dict[str, Any]) -> str:
              f"({r['removed_fraction']:.1%} removed)"]
     if r.get("macs_before") and r.get("macs_after"):
         lines.append(f"MACs (example input) {r['macs_before']:,} -> {r['macs_after']:,}")
+    if r.get("recovery"):
+        rec = r["recovery"]
+        lines.append(f"recovery: calibration loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f} "
+                     f"({rec['steps']} LoRA steps, merged)")
     if "ppl_before" in r:
         lines.append(f"perplexity {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} "
                      f"({r['ppl_after'] / r['ppl_before']:.2f}x) on {r['eval_tokens']:,} held-out tokens")
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", parents=[common], help="prune a model and save it")
     pr.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     pr.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters to remove")
-    pr.add_argument("--importance", default="l2")
+    pr.add_argument("--importance", default=None, help="importance pass (default l2; lora with --iterative)")
     pr.add_argument("--targets", default="heads,mlp", help="comma list of heads,kv_heads,mlp,hidden")
     pr.add_argument("--layers", default=None, help="layer range START:END, e.g. 3:29")
     pr.add_argument("--mode", default="local", choices=["local", "global"])
@@ -274,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib-samples", type=int, default=10)
     pr.add_argument("--calib-seqlen", type=int, default=128)
     pr.add_argument("--lora-rank", type=int, default=8)
+    pr.add_argument("--iterative", action="store_true",
+                    help="LoRAPrune schedule: masks + LoRA fine-tuning, cubic sparsity, EMA scores")
+    pr.add_argument("--steps", type=int, default=20, help="LoRA steps of --iterative")
+    pr.add_argument("--prune-every", type=int, default=5, help="steps between mask updates (--iterative)")
+    pr.add_argument("--ema", type=float, default=0.9, help="moving-average weight of old scores (--iterative)")
+    pr.add_argument("--recover-steps", type=int, default=0,
+                    help="LoRA recovery steps after pruning, merged into the weights (0: off)")
+    pr.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA fine-tuning")
     pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")

@@ -1,0 +1,178 @@
+"""Recovery (LLM-Pruner): LoRA fine-tuning of the pruned model, merged back into its weights.
+
+:func:`recover` attaches peft LoRA adapters (rank ``rank``, ``alpha = 2 * rank`` as LLM-Pruner's
+``lora_r=8, lora_alpha=16``, no dropout) to the ``nn.Linear`` layers inside the model's layer stack,
+freezes every base weight, trains the adapters with AdamW on the calibration windows for ``steps``
+steps (one batch per step, cycling), then ``merge_and_unload``\\s them: the returned model has the
+same parameters, names and shapes as before, only different values. The pruned FX graph module
+shares nothing it must not: :func:`sync_graph_module` points it at the merged weights, so the
+result's model and graph still agree (``fxprune.prune`` re-checks that) and export the same.
+
+The LoRA primitives here (:func:`attach_lora`, :func:`merge_lora`, :func:`finetune`) are also what
+the iterative schedule (:mod:`.schedule`) trains with between mask updates.
+
+Linear layers whose weight is tied to another parameter (``lm_head`` tied to the embedding) get no
+adapter: merging into a tied weight would change the embedding too. The output head sits outside
+the layer stack anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from ..capture import WRAP
+from ..depgraph import layer_of
+from ..errors import FxpruneError
+from .importance.taylor import ModelState, calibration_loss, freeze_all_but
+
+ADAPTER = "fxprune_recover"
+AfterStep = Callable[[], None]
+
+
+@dataclass
+class LoraHandle:
+    """Adapters injected into a model: the peft tuner, the adapted module names, the factors."""
+
+    tuner: Any
+    modules: list[str]
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+def linear_modules(model: nn.Module, weights: Iterable[str] | None = None) -> list[str]:
+    """Names of the untied ``nn.Linear`` layers inside the layer stack.
+
+    With ``weights`` (parameter names), only the layers whose ``weight`` is one of them.
+    """
+    wanted = None if weights is None else set(weights)
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or layer_of(name) is None:
+            continue
+        if uses.get(id(mod.weight), 0) > 1:  # tied: a merge would change the other user too
+            continue
+        if wanted is None or f"{name}.weight" in wanted:
+            out.append(name)
+    return out
+
+
+def attach_lora(model: nn.Module, modules: list[str], rank: int, seed: int, adapter: str = ADAPTER) -> LoraHandle:
+    """Inject peft LoRA adapters into ``modules`` of ``model`` in place; only the factors train.
+
+    peft's own init (Kaiming-uniform ``A``, zero ``B``): the model's function is unchanged until the
+    first step. The init draws from a generator forked from ``seed``, so runs repeat.
+    """
+    from peft import LoraConfig, LoraModel
+
+    if not modules:
+        raise FxpruneError("LoRA fine-tuning found no nn.Linear layer to adapt inside the model's layers; "
+                           "recovery and iterative pruning need a transformer-style layer stack")
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+                     target_modules="|".join(re.escape(n) for n in modules))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        warnings.simplefilter("ignore")  # peft's notes about model types it has no defaults for
+        tuner = LoraModel(model, cfg, adapter_name=adapter)
+    found = dict(model.named_modules())
+    params = [t for n in modules for t in (found[n].lora_A[adapter].weight, found[n].lora_B[adapter].weight)]
+    freeze_all_but(model, params)
+    return LoraHandle(tuner, list(modules), params)
+
+
+def merge_lora(model: nn.Module, handle: LoraHandle) -> nn.Module:
+    """Merge the adapters into the base weights (in place) and remove every trace of peft."""
+    merged = handle.tuner.merge_and_unload()
+    if "peft_config" in merged.__dict__:
+        del merged.peft_config
+    if merged is not model:  # LoraModel works in place; guard against a future peft changing that
+        raise RuntimeError("peft merge_and_unload returned a new model object")
+    return merged
+
+
+def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], steps: int, lr: float,
+             *, start: int = 0, after_step: AfterStep | None = None) -> list[float]:
+    """``steps`` AdamW steps on ``params``, batch ``start + i`` (cycling) at step ``i``; the losses.
+
+    Eval mode (no dropout: runs repeat). ``after_step`` runs after every optimizer step (the
+    iterative schedule re-applies its masks there).
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train(False)
+    losses = []
+    for i in range(steps):
+        loss = calibration_loss(model, batches[(start + i) % len(batches)])
+        if not torch.isfinite(loss):
+            raise FxpruneError(f"LoRA fine-tuning diverged (loss {loss.item()} at step {i}); lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    opt.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[Any]) -> float:
+    """The calibration loss averaged over ``batches`` (weighted by rows), without gradients."""
+    total, rows = 0.0, 0
+    for b in batches:
+        n = int(b.shape[0]) if isinstance(b, torch.Tensor) else 1
+        total += float(calibration_loss(model, b)) * n
+        rows += n
+    return total / max(rows, 1)
+
+
+def sync_graph_module(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Point the pruned graph module's parameters at ``model``'s (the unlifted graph's ``m.<name>``)."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        path, _, leaf = f"{WRAP}.{name}".rpartition(".")
+        try:
+            owner = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = p
+
+
+def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-4, rank: int = 8,
+            seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """LoRA-fine-tune the pruned ``model`` in place, merge, and return the record.
+
+    ``model`` must be fxprune's own pruned copy (never the user's). Returns ``{"steps", "lr",
+    "rank", "adapted_layers", "trainable_params", "loss_before", "loss_after", "train_loss_first",
+    "train_loss_last", "seconds"}``; the losses are the mean calibration loss over ``batches``.
+    """
+    if isinstance(model, fx.GraphModule):
+        raise FxpruneError("recovery needs the pruned eager module, but only its graph module runs; "
+                           "use recover_steps=0 for this model")
+    t0 = time.perf_counter()
+    say = progress or (lambda msg: None)
+    state = ModelState(model)
+    before = mean_loss(model, batches)
+    handle = attach_lora(model, linear_modules(model), rank, seed)
+    trainable = sum(p.numel() for p in handle.params)
+    try:
+        say(f"recovery: {steps} LoRA steps on {len(handle.modules)} layers")
+        losses = finetune(model, handle.params, batches, steps, lr)
+    finally:
+        merge_lora(model, handle)
+        state.restore()
+    after = mean_loss(model, batches)
+    if not math.isfinite(after):
+        raise FxpruneError("recovery produced non-finite weights; lower the learning rate")
+    return {"steps": steps, "lr": lr, "rank": rank, "adapted_layers": len(handle.modules),
+            "trainable_params": trainable, "loss_before": before, "loss_after": after,
+            "train_loss_first": losses[0], "train_loss_last": losses[-1],
+            "seconds": time.perf_counter() - t0}

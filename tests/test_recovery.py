@@ -1,0 +1,167 @@
+"""Recovery (LLM-Pruner's LoRA fine-tuning, merged) and the CLI flags of the schedules."""
+
+import json
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.api import run_model
+from fxprune.cli import main
+from fxprune.errors import FxpruneError
+from fxprune.passes.recovery import linear_modules, recover
+
+VOCAB = 64
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+X = {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))}
+CALIB = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def loss_of(model, windows):
+    """Mean next-token loss over the windows, computed here independently of fxprune."""
+    with torch.no_grad():
+        return sum(float(model(input_ids=w[None], labels=w[None], use_cache=False).loss) for w in windows) / len(windows)
+
+
+@pytest.fixture(scope="module")
+def pruned_pair():
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"))
+    rec = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=CALIB,
+                        recover_steps=30, lr=1e-2)
+    return model, state, plain, rec
+
+
+def test_recovery_lowers_the_calibration_loss(pruned_pair):
+    _, _, plain, rec = pruned_pair
+    r = rec.report["recovery"]
+    assert r["steps"] == 30 and r["lr"] == 1e-2 and r["rank"] == 8
+    assert r["loss_before"] == pytest.approx(loss_of(plain.model, CALIB), rel=1e-5)
+    assert r["loss_after"] == pytest.approx(loss_of(rec.model, CALIB), rel=1e-5)
+    assert r["loss_after"] < r["loss_before"] - 0.05
+    assert rec.report["timings"]["recovery_s"] > 0
+    # 7 linears per layer (q, k, v, o, gate, up, down) in 2 layers; lm_head is outside the layers
+    assert r["adapted_layers"] == 14
+
+
+def test_recovery_leaves_no_lora_and_the_same_shapes(pruned_pair):
+    _, _, plain, rec = pruned_pair
+    assert rec.plan.keep == plain.plan.keep
+    shapes = {n: p.shape for n, p in rec.model.named_parameters()}
+    assert shapes == {n: p.shape for n, p in plain.model.named_parameters()}
+    assert not any("lora" in n for n, _ in rec.model.named_modules())
+    assert "peft_config" not in rec.model.__dict__
+    assert rec.report["params_after"] == plain.report["params_after"]
+    assert all(p.requires_grad for p in rec.model.parameters())
+    assert all(p.grad is None for p in rec.model.parameters())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dict(rec.model.named_parameters())[q], dict(plain.model.named_parameters())[q])
+
+
+def test_recovery_does_not_touch_the_users_model(pruned_pair):
+    model, state, _, _ = pruned_pair
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert "peft_config" not in model.__dict__
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_recovered_graph_agrees_saves_reloads_and_exports(pruned_pair, tmp_path):
+    _, _, plain, rec = pruned_pair
+    x = {"input_ids": torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(4))}
+    got = run_model(rec.model, x)
+    assert torch.allclose(run_model(rec.graph_module, x), got, atol=1e-5)
+    assert not torch.allclose(run_model(plain.model, x), got, atol=1e-3)  # recovery did change it
+    fxprune.save(rec, tmp_path / "out")
+    model2, _ = fxprune.load(tmp_path / "out")
+    assert torch.allclose(run_model(model2, x), got, atol=1e-5)
+    assert fxprune.export_onnx(rec, tmp_path / "m.onnx")["max_abs_diff"] < 1e-3
+
+
+def test_recovery_after_iterative_and_with_a_replayed_plan(pruned_pair):
+    _, _, plain, _ = pruned_pair
+    res = fxprune.prune(tiny_llama(), X, calib=CALIB, plan=plain.plan, recover_steps=3)
+    assert res.report["recovery"]["steps"] == 3 and "iterative" not in res.report
+    res = fxprune.prune(tiny_llama(), X, ratio=0.2, targets=("mlp",), calib=CALIB, iterative=True,
+                        steps=2, prune_every=1, recover_steps=2)
+    assert {"iterative", "recovery"} <= set(res.report)
+    assert torch.allclose(run_model(res.model, X), run_model(res.graph_module, X), atol=1e-5)
+
+
+def test_recovery_needs_calibration_and_an_eager_module():
+    with pytest.raises(FxpruneError, match="calibration"):
+        fxprune.prune(tiny_llama(), X, ratio=0.2, recover_steps=2)
+    gm = fxprune.capture(tiny_llama(), X).exported.module()
+    with pytest.raises(FxpruneError, match="eager module"):
+        recover(gm, [CALIB[:1]], steps=1)
+
+
+def test_linear_modules_skip_tied_and_outside_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    names = linear_modules(tied)
+    assert "lm_head" not in names and len(names) == 7
+    assert linear_modules(tied, {"model.layers.0.mlp.up_proj.weight"}) == ["model.layers.0.mlp.up_proj"]
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_with_tokenizer(tmp_path_factory):
+    """A tiny Llama with a character-level tokenizer (63 symbols + [UNK]) saved as an HF directory."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(" etaoinshrdlucmfwypvbgkjqxz.,ETAOINSHRDLCMFWYPBG0123456789()")
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars[:VOCAB - 1])}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    d = tmp_path_factory.mktemp("tiny_tok")
+    tiny_llama().save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(d)
+    text = d / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, 1234 times (twice).\n" * 40)
+    return d, text
+
+
+def test_cli_iterative_and_recovery_flags(tiny_dir_with_tokenizer, tmp_path, capsys):
+    d, text = tiny_dir_with_tokenizer
+    out = tmp_path / "out"
+    code = main(["prune", str(d), "--ratio", "0.2", "--targets", "mlp", "--iterative", "--steps", "4",
+                 "--prune-every", "2", "--ema", "0.5", "--recover-steps", "3", "--lr", "1e-3",
+                 "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "16",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"]["importance"] == "lora" and report["plan"]["ema"] == 0.5
+    assert [h["step"] for h in report["iterative"]] == [2, 4]
+    assert report["recovery"]["steps"] == 3 and report["recovery"]["lr"] == 1e-3
+    assert report["removed_fraction"] >= 0.2
+    model2, tok2 = fxprune.load(out)
+    assert tok2 is not None and model2.model.layers[0].mlp.up_proj.weight.shape[0] < 48
+
+
+@pytest.mark.parametrize("flags,match", [(["--iterative", "--ema", "1.5"], "ema must be in"),
+                                         (["--iterative", "--steps", "0"], "steps must be"),
+                                         (["--recover-steps", "-2"], "recover_steps must be")])
+def test_cli_bad_schedule_values_exit_2(tiny_dir_with_tokenizer, tmp_path, capsys, flags, match):
+    d, text = tiny_dir_with_tokenizer
+    out = tmp_path / "out"
+    assert main(["prune", str(d), "--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "8",
+                 "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not out.exists()
