@@ -1,0 +1,232 @@
+"""fxprune against Torch-Pruning on SmolLM2-135M, side by side, in one run.
+
+Same calibration slice for every method (the first 10 x 128 tokens of wikitext2_valid.txt), same
+held-out evaluation slice (``--windows`` 128-token windows after a gap of 20 windows). Methods:
+
+    dense                 the unpruned model
+    tp-taylor, tp-l2      Torch-Pruning 1.6.1 (MetaPruner, Taylor / group L2), MLP channels of layers
+                          3-28 at the parameter count fxprune reaches at ``--tp-ratio`` (its GQA head
+                          pruning crashes on this model)
+    fxprune@R             fxprune.prune(ratio=R, **settings, **extra) for each R in ``--fx-ratios``
+    fxprune+rec@R         the same plus ``--fx-recovery`` kwargs (only when that option is given)
+
+Each method runs in its own process (the script calls itself with ``--only METHOD``), so wall time
+and peak RSS are that method's own; model loading and perplexity evaluation are excluded from
+``wall_s`` (``eval_s`` is reported beside it). One JSON line per method on stdout:
+{"bench": "compare", "method", "params", "removed", "wall_s", "peak_rss_mb", "ppl", "ppl_ratio", ...}
+
+    python bench/compare.py [--windows 40] [--fxprune-settings default|reconstruct|'{"importance": ...}']
+                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery '{"recover_steps": 200}']
+                            [--methods dense,tp-taylor,tp-l2,fxprune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from typing import Any, Callable
+
+from _common import (DATA, MODEL, calib_eval_windows, emit, import_tp, log, missing_prerequisite, peak_rss_mb,
+                     run_child, taylor_gradients, tp_pruner, tp_ratio_for)
+
+BENCH = "compare"
+TP_LAYERS = range(3, 29)
+# named fxprune settings; pass JSON to --fxprune-settings for anything else
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"importance": "taylor-element1", "targets": ["mlp"], "layers": "3:29"},
+    "reconstruct": {"importance": "taylor-element1", "targets": ["mlp"], "layers": "3:29", "reconstruct": True},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="dense,tp-taylor,tp-l2,fxprune",
+                    help="comma list of dense, tp-taylor, tp-l2, fxprune")
+    ap.add_argument("--windows", type=int, default=40, help="evaluation windows of --seqlen tokens")
+    ap.add_argument("--calib-samples", type=int, default=10)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--tp-ratio", type=float, default=0.2, help="fraction of all parameters Torch-Pruning removes")
+    ap.add_argument("--fx-ratios", default="0.2,0.5")
+    ap.add_argument("--fxprune-settings", default="default",
+                    help=f"a preset ({', '.join(PRESETS)}) or a JSON object of fxprune.prune kwargs")
+    ap.add_argument("--fx-extra", default="{}", help="JSON kwargs added to every fxprune.prune call")
+    ap.add_argument("--fx-recovery", default=None,
+                    help="JSON kwargs that turn recovery on; adds fxprune+rec@R methods")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child mode: one method
+    ap.add_argument("--match-params", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def fx_settings(args: argparse.Namespace, recovered: bool) -> dict[str, Any]:
+    """fxprune.prune kwargs (ratio excluded): preset or JSON, then --fx-extra, then recovery."""
+    spec = args.fxprune_settings
+    settings = dict(PRESETS[spec]) if spec in PRESETS else _json_object(spec, "--fxprune-settings")
+    settings.update(_json_object(args.fx_extra, "--fx-extra"))
+    if recovered:
+        settings.update(_json_object(args.fx_recovery, "--fx-recovery"))
+    if "targets" in settings:
+        settings["targets"] = tuple(settings["targets"])
+    return settings
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{flag}: not a preset name nor JSON ({exc}); e.g. '{{\"importance\": \"l2\"}}'")
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag}: give a JSON object of fxprune.prune keyword arguments, got {text}")
+    return value
+
+
+# -- one method (child process) ---------------------------------------------------------------------
+
+
+def run_dense(model: Any, calib: Any, args: argparse.Namespace) -> dict[str, Any]:
+    return {"params": _count(model), "removed": 0.0, "wall_s": 0.0}
+
+
+def run_tp(model: Any, calib: Any, args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """Torch-Pruning as its LLM example does it, restricted to MLP channels of layers 3-28.
+
+    Taylor: the calibration loss is backpropagated before ``step()``, which reads ``weight.grad``.
+    """
+    tp = import_tp()
+    total = _count(model)
+    target = total - args.match_params if args.match_params else round(args.tp_ratio * total)
+    ratio, per_layer = tp_ratio_for(model, TP_LAYERS, target)
+    importance = (tp.importance.GroupTaylorImportance() if kind == "taylor"
+                  else tp.importance.GroupMagnitudeImportance(p=2))
+    t0 = time.perf_counter()
+    if kind == "taylor":
+        taylor_gradients(model, calib, TP_LAYERS)
+    pruner = tp_pruner(tp, model, TP_LAYERS, importance, ratio, calib[:1, :16])
+    pruner.step()
+    wall = time.perf_counter() - t0
+    for p in model.parameters():
+        p.grad = None
+    model.requires_grad_(False)
+    return {"params": _count(model), "removed": round(1 - _count(model) / total, 4), "wall_s": round(wall, 2),
+            "settings": {"importance": kind, "layers": "3:29", "targets": ["mlp"], "pruning_ratio": round(ratio, 5),
+                         "channels_removed_per_layer": per_layer}}
+
+
+def run_fx(model: Any, calib: Any, args: argparse.Namespace, ratio: float, recovered: bool) -> dict[str, Any]:
+    import fxprune
+
+    settings = fx_settings(args, recovered)
+    unknown = set(settings) - set(inspect.signature(fxprune.prune).parameters)
+    if unknown:
+        return {"error": f"fxprune.prune has no keyword {', '.join(sorted(unknown))} in this checkout",
+                "settings": settings}
+    t0 = time.perf_counter()
+    res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=ratio, calib=calib, **settings)
+    wall = time.perf_counter() - t0
+    timings = {k: round(v, 2) for k, v in res.report["timings"].items()}
+    model = res.model
+    return {"params": res.report["params_after"], "removed": round(res.report["removed_fraction"], 4),
+            "wall_s": round(wall, 2), "timings": timings,
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, "_model": model}
+
+
+def _count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run the one method ``args.only`` and print its JSON line."""
+    import torch
+
+    import fxprune
+    from fxprune.data import perplexity
+
+    method = args.only
+    runner = _runner(method)
+    model, tok = fxprune.load_model(MODEL)
+    calib, evalw = calib_eval_windows(tok, args.calib_samples, args.seqlen, args.windows)
+    log(f"{method}: pruning")
+    record = runner(model, calib, args)
+    pruned = record.pop("_model", model)
+    if "error" not in record:
+        log(f"{method}: perplexity on {evalw.shape[0]} x {evalw.shape[1]} tokens")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            record["ppl"] = round(perplexity(pruned, evalw)["ppl"], 3)
+        record["eval_s"] = round(time.perf_counter() - t0, 1)
+    emit({"bench": BENCH, "method": method, **record, "peak_rss_mb": peak_rss_mb(),
+          "eval_tokens": int(evalw.shape[0] * (evalw.shape[1] - 1))})
+
+
+def _runner(method: str) -> Callable[[Any, Any, argparse.Namespace], dict[str, Any]]:
+    """The function running ``method`` (names as listed in the module docstring)."""
+    fixed: dict[str, Callable[..., dict[str, Any]]] = {
+        "dense": run_dense,
+        "tp-taylor": lambda m, c, a: run_tp(m, c, a, "taylor"),
+        "tp-l2": lambda m, c, a: run_tp(m, c, a, "l2"),
+    }
+    if method in fixed:
+        return fixed[method]
+    name, _, ratio = method.partition("@")
+    if name in ("fxprune", "fxprune+rec") and ratio:
+        return lambda m, c, a: run_fx(m, c, a, float(ratio), name == "fxprune+rec")
+    raise SystemExit(f"unknown method {method}")
+
+
+# -- the whole comparison (parent process) ------------------------------------------------------------
+
+
+def plan_methods(args: argparse.Namespace) -> list[str]:
+    """Child methods in run order: dense first (the ratios' reference), fxprune before Torch-Pruning
+    (which matches fxprune's parameter count at the same ratio)."""
+    wanted = args.methods.split(",")
+    methods = ["dense"] if "dense" in wanted else []
+    if "fxprune" in wanted:
+        ratios = [f"{float(r):g}" for r in args.fx_ratios.split(",")]
+        methods += [f"fxprune@{r}" for r in ratios]
+        if args.fx_recovery:
+            methods += [f"fxprune+rec@{r}" for r in ratios]
+    methods += [m for m in ("tp-taylor", "tp-l2") if m in wanted]
+    return methods
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    out = ["--windows", str(args.windows), "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
+           "--tp-ratio", str(args.tp_ratio), "--fxprune-settings", args.fxprune_settings, "--fx-extra", args.fx_extra]
+    return out + (["--fx-recovery", args.fx_recovery] if args.fx_recovery else [])
+
+
+def parent(args: argparse.Namespace) -> None:
+    why = missing_prerequisite(need_data=True, need_tp=any(m.startswith("tp") for m in args.methods.split(",")))
+    if why:
+        emit({"bench": BENCH, "skipped": why})
+        return
+    fx_settings(args, bool(args.fx_recovery))  # fail on bad JSON before any child starts
+    dense_ppl, fx_params = None, None
+    for method in plan_methods(args):
+        extra = ["--match-params", str(fx_params)] if method.startswith("tp") and fx_params else []
+        log(f"--- {method}")
+        for rec in run_child(__file__, ["--only", method, *_forwarded(args), *extra]):
+            rec = {"bench": BENCH, "method": method, **rec}
+            if method == "dense" and "ppl" in rec:
+                dense_ppl = rec["ppl"]
+            if method == f"fxprune@{args.tp_ratio:g}" and "params" in rec and "error" not in rec:
+                fx_params = rec["params"]
+            if dense_ppl and rec.get("ppl") is not None:
+                rec["ppl_ratio"] = round(rec["ppl"] / dense_ppl, 3)
+            emit(rec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.only:
+        child(args)
+    else:
+        log(f"data {DATA}")
+        parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
