@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -28,30 +29,66 @@ MANIFEST = "fxprune.json"
 FORMAT_VERSION = 1
 
 
-def save(result: Any, directory: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> Path:
+def save(result: Any, directory: str | os.PathLike, *, force: bool = False, extra: dict | None = None,
+         also: Callable[[Path], None] | None = None) -> Path:
     """Write the pruned model of ``result`` (a PruneResult) to ``directory``, atomically.
 
-    An existing non-empty ``directory`` is an error unless ``force`` is set.
+    An existing non-empty ``directory`` is an error unless ``force`` is set. ``also(tmp)`` may
+    write more files (ONNX, report) into the temporary directory before it is moved into place,
+    so an interrupted or failed run leaves neither a half-written ``directory`` nor a temp dir.
     """
+    with staging(directory, force=force) as tmp:
+        _write(result, tmp, extra or {})
+        if also is not None:
+            also(tmp)
+    return Path(directory)
+
+
+def check_destination(directory: str | os.PathLike, force: bool = False) -> Path:
+    """``directory`` as a Path; an existing non-empty one is an error unless ``force``."""
     dest = Path(directory)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-        raise FxpruneError(f"output directory {dest} exists and is not empty; pass --force to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise FxpruneError(f"output path {dest} is a file; give a directory path for --out")
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise FxpruneError(f"output directory {dest} exists and is not empty; pass --force to replace it "
+                           f"or choose another --out")
+    return dest
+
+
+@contextmanager
+def staging(directory: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``directory``; on success it replaces ``directory``.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and
+    ``directory`` is left as it was.
+    """
+    dest = check_destination(directory, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        _write(result, tmp, extra or {})
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the output private to this user
+        yield tmp
+        _move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    if not dest.exists():
+        tmp.rename(dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+    old.rmdir()  # a unique free name for the old directory
+    dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        old.rename(dest)  # put the user's directory back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(result: Any, out: Path, extra: dict) -> None:
@@ -65,7 +102,7 @@ def _write(result: Any, out: Path, extra: dict) -> None:
         **extra,
     }
     if hasattr(model, "save_pretrained") and not isinstance(model, fx.GraphModule):
-        model.save_pretrained(out, safe_serialization=True)
+        _save_pretrained(model, out)
         manifest["kind"] = "hf"
         manifest["class"] = type(model).__name__
         base = getattr(result, "base_model", None)
@@ -85,6 +122,20 @@ def _write(result: Any, out: Path, extra: dict) -> None:
     if tok is not None and hasattr(tok, "save_pretrained"):
         tok.save_pretrained(out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
+
+
+def _save_pretrained(model: nn.Module, out: Path) -> None:
+    """``save_pretrained``; a config that transformers refuses to validate becomes a user error."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older hub: configs are not validated on save
+        StrictDataclassError = ()  # noqa: N806
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    except StrictDataclassError as exc:
+        why = str(exc.__cause__ or exc).strip().splitlines()[-1].strip().rstrip(".")
+        raise FxpruneError(f"transformers refuses the pruned config ({why}); prune hidden in multiples of "
+                           f"the head count (--round-to) or leave hidden out of --targets") from exc
 
 
 def _json_default(o: Any) -> Any:

@@ -35,7 +35,7 @@ def calibration_text(path: str | None) -> str:
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise FxpruneError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
+        raise FxpruneError(f"cannot read text file {path} ({exc.strerror or exc}); give a readable plain-text file") from exc
     if not text.strip():
         raise FxpruneError(f"text file {path} is empty; give a file of plain text")
     return text

@@ -163,24 +163,26 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     if not cfg_file.exists():
         ggufs = sorted(path.glob("*.gguf"))
         hint = f"; to load the GGUF file there, give its path: {ggufs[0]}" if ggufs else ""
-        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory{hint}")
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory{hint or '; give the directory that holds config.json and the weights'}")
     try:
         cfg = json.loads(cfg_file.read_text())
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ModelLoadError(f"{cfg_file} is unreadable: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{cfg_file} is unreadable ({_first_line(exc)}); replace it with the model's JSON config") from exc
     auto = AutoModelForCausalLM if _is_causal_config(cfg) else AutoModel
     try:
         model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers/safetensors raise many types for unreadable files
-        raise ModelLoadError(f"cannot load {_weights_file(path)}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load {_weights_file(path)} ({_first_line(exc)}); the weights are corrupt or "
+                             f"incomplete: copy or download them again") from exc
     tok = None
     if any((path / f).exists() for f in TOKENIZER_FILES):
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:  # tokenizers raise their own exception types for corrupt files
-            raise ModelLoadError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load the tokenizer in {path} ({_first_line(exc)}); replace its tokenizer "
+                             f"files") from exc
     return model, tok
 
 
@@ -239,7 +241,8 @@ def _read_gguf(path: Path) -> tuple[nn.Module, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw, **quant)
         tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
     except Exception as exc:  # gguf / transformers raise many types for unreadable files
-        raise ModelLoadError(f"cannot load {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load {path} ({_first_line(exc)}); the file is corrupt, incomplete or of an "
+                             f"unsupported architecture") from exc
     _drop_quantizer(model)
     return model, tok
 
