@@ -1,0 +1,148 @@
+"""onnxruntime latency of dense and pruned SmolLM2-135M, against the parameter ratio.
+
+Every configuration of ``--ratios`` x ``--round-to`` x ``--targets`` is pruned with l2 importance
+(latency does not depend on which channels go), exported with ``fxprune.export_onnx`` (opset 20,
+onnxruntime parity checked) and timed in onnxruntime's CPUExecutionProvider with a fixed thread
+count: ``--warmup`` runs, then ``--runs`` timed runs, alternating with the dense model so both see
+the same machine load; the median is reported. One JSON line per (configuration, batch):
+
+    {"bench": "latency", "ratio", "round_to", "targets", "batch", "seq", "params", "param_ratio",
+     "ms", "dense_ms", "latency_ratio", "latency_over_param", "target": 1.1, "met"}
+
+``param_ratio`` = pruned / dense parameters, ``latency_ratio`` = pruned / dense median latency;
+target: latency_ratio <= 1.1 x param_ratio. Needs no data file (random token ids).
+
+    python bench/latency.py [--runs 20] [--threads 2] [--ratios 0.2,0.5] [--round-to 1,64]
+                            [--targets 'heads,mlp;mlp'] [--layers 3:29|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import MODEL, emit, log
+
+BENCH = "latency"
+TARGET = 1.1
+OPSET = 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--round-to", default="1,64")
+    ap.add_argument("--targets", default="heads,mlp;mlp", help="';'-separated target sets")
+    ap.add_argument("--layers", default="3:29", help="layer range to prune, or 'all'")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=20, help="timed runs per model and batch (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--no-verify", action="store_true", help="skip export_onnx's onnxruntime parity check")
+    return ap.parse_args(argv)
+
+
+def session(path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session with a fixed thread count and sequential execution."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def feeds(sess: Any, batch: int, seq: int, vocab: int) -> dict[str, Any]:
+    """Inputs by name: random token ids, all-ones masks, 0..seq-1 positions."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for inp in sess.get_inputs():
+        if "mask" in inp.name:
+            out[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        elif "position" in inp.name:
+            out[inp.name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        else:
+            out[inp.name] = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
+    return out
+
+
+def paired_medians(dense: Any, pruned: Any, feed: dict[str, Any], runs: int, warmup: int) -> tuple[float, float]:
+    """Median ms of the dense and pruned sessions, timed alternately on the same inputs."""
+    for _ in range(warmup):
+        dense.run(None, feed)
+        pruned.run(None, feed)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(runs):
+        for key, sess in ((0, dense), (1, pruned)):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def export(model: Any, inputs: dict[str, Any], path: Path, verify: bool) -> Path:
+    import fxprune
+
+    info = fxprune.export_onnx(model, path, inputs, opset=OPSET, verify=verify)
+    log(f"exported {path.name} in {info['seconds']:.1f}s (max |ort - torch| {info['max_abs_diff']})")
+    return path
+
+
+def configs(args: argparse.Namespace) -> list[tuple[float, int, tuple[str, ...]]]:
+    ratios = [float(r) for r in args.ratios.split(",")]
+    rounds = [int(r) for r in args.round_to.split(",")]
+    targets = [tuple(t.split(",")) for t in args.targets.split(";")]
+    return list(itertools.product(ratios, rounds, targets))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    import fxprune
+
+    torch.manual_seed(0)
+    model, _ = fxprune.load_model(MODEL)
+    vocab = model.config.vocab_size
+    inputs = {"input_ids": torch.randint(0, vocab, (2, 16))}
+    dense_params = sum(p.numel() for p in model.parameters())
+    batches = [int(b) for b in args.batches.split(",")]
+    layers = None if args.layers == "all" else args.layers
+    with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
+        dense = session(export(model, inputs, Path(tmp) / "dense.onnx", not args.no_verify), args.threads)
+        for ratio, round_to, targets in configs(args):
+            name = f"r{ratio}-round{round_to}-{'+'.join(targets)}"
+            log(f"--- {name}: prune (l2), export")
+            res = fxprune.prune(model, inputs, ratio=ratio, importance="l2", targets=targets, layers=layers,
+                                round_to=round_to)
+            path = export(res, None, Path(tmp) / f"{name}.onnx", not args.no_verify)
+            pruned = session(path, args.threads)
+            param_ratio = res.report["params_after"] / dense_params
+            for batch in batches:
+                feed = feeds(dense, batch, args.seq, vocab)
+                dense_ms, ms = paired_medians(dense, pruned, feed, args.runs, args.warmup)
+                lat_ratio = ms / dense_ms
+                emit({"bench": BENCH, "ratio": ratio, "round_to": round_to, "targets": ",".join(targets),
+                      "layers": args.layers, "batch": batch, "seq": args.seq, "params": res.report["params_after"],
+                      "param_ratio": round(param_ratio, 4), "ms": round(ms, 2), "dense_ms": round(dense_ms, 2),
+                      "latency_ratio": round(lat_ratio, 4), "latency_over_param": round(lat_ratio / param_ratio, 3),
+                      "target": TARGET, "met": lat_ratio <= TARGET * param_ratio,
+                      "threads": args.threads, "runs": args.runs})
+            del pruned, res
+            path.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
