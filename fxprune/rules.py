@@ -183,6 +183,20 @@ def inexact_elementwise(ctx: Ctx, node: fx.Node) -> None:
     elementwise(ctx, node)
 
 
+def softmax(ctx: Ctx, node: fx.Node) -> None:
+    """softmax / log_softmax(x, dim): elementwise in shape, but normalised over ``dim``, so
+    removing channels there is not the same as zeroing them (the group is marked inexact)."""
+    elementwise(ctx, node)
+    xd = ctx.d(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if xd and isinstance(dim, int):
+        ctx.inexact.add(f"{xd[_norm_dim(dim, len(xd))]}")
+
+
+# (position of dim, position of keepdim) where it is not (1, 2): norms take the order p first
+REDUCTION_ARGS = {"linalg_vector_norm": (2, 3), "norm": (2, 3)}
+
+
 def reduction(ctx: Ctx, node: fx.Node) -> None:
     """mean/sum/amax over some dims: the kept dims pass through. Pruning a reduced dim is
     structurally fine but changes the value, so the group is marked inexact."""
@@ -193,14 +207,15 @@ def reduction(ctx: Ctx, node: fx.Node) -> None:
     if xd is None or xs is None:
         return
     rank = len(xs)
-    dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dim_pos, keep_pos = REDUCTION_ARGS.get(op_name(node), (1, 2))
+    dims_arg = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim")
     if dims_arg is None or dims_arg == []:
         reduced = set(range(rank))
     elif isinstance(dims_arg, int):
         reduced = {_norm_dim(dims_arg, rank)}
     else:
         reduced = {_norm_dim(int(d), rank) for d in dims_arg}
-    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    keepdim = bool(node.args[keep_pos]) if len(node.args) > keep_pos else bool(node.kwargs.get("keepdim", False))
     j = 0
     for i in range(rank):
         if i in reduced:
@@ -606,14 +621,15 @@ rsqrt reciprocal sin cos tan tanh sigmoid silu gelu relu relu6 leaky_relu elu se
 hardtanh hardswish hardsigmoid erf erfc sign clamp clamp_min clamp_max clip maximum minimum where
 masked_fill eq ne lt le gt ge logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
 bitwise_not bitwise_xor __and__ __or__ __xor__ __invert__ to _to_copy type_as clone contiguous
-detach alias lift_fresh_copy dropout native_dropout feature_dropout alpha_dropout softmax _softmax
-log_softmax zeros_like ones_like full_like empty_like rand_like randn_like fill copy square
-isnan isinf nan_to_num lerp addcmul addcdiv floor ceil round trunc frac triu tril _safe_softmax
+detach alias lift_fresh_copy dropout native_dropout feature_dropout alpha_dropout
+zeros_like ones_like full_like empty_like rand_like randn_like fill copy square
+isnan isinf nan_to_num lerp addcmul addcdiv floor ceil round trunc frac triu tril
 """.split()
 
 RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
     **{name: elementwise for name in ELEMENTWISE},
     **{name + "_": elementwise for name in ELEMENTWISE},
+    **{name: softmax for name in ("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")},
     **{name: ignore for name in ("sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata",
                                  "_assert_scalar", "_assert_async", "sym_constrain_range",
                                  "sym_constrain_range_for_size", "scalar_tensor", "_local_scalar_dense",

@@ -168,3 +168,32 @@ def test_round_to_keeps_multiples():
     for g in res.report["groups"]:
         if g["kind"] == "mlp":
             assert g["kept"] % 8 == 0 or g["kept"] == g["units"]
+
+
+class NormedResidual(nn.Module):
+    """A residual stream normalised by LayerNorm and RMSNorm: their normalized_shape is a graph constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.ln, self.rms = nn.Linear(4, 8), nn.LayerNorm(8), nn.RMSNorm(8)
+        self.up, self.down, self.out = nn.Linear(8, 6), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.down(torch.relu(self.up(self.ln(h))))
+        return self.out(self.rms(h))
+
+
+def test_pruning_a_normalised_stream_rewrites_normalized_shape():
+    # regression (fuzz): layer_norm's [8] stayed in the graph after its weight shrank to 5
+    model = NormedResidual().eval()
+    x = torch.randn(2, 5, 4)
+    program = fxprune.capture(model, x)
+    dg = fxprune.dependency_graph(program)
+    stream = next(g for g in dg.prunable if any(m.param == "ln.weight" for m in g.members))
+    rw = apply_plan(program, dg, Plan({stream.id: [0, 2, 3, 5, 7]}))
+    fresh = torch.randn(3, 7, 4)
+    assert rw.model.ln.weight.shape == (5,) and rw.model.rms.weight.shape == (5,)
+    got = run_model(rw.graph_module, fresh)
+    assert got.shape == (3, 7, 3)
+    assert (got - run_model(rw.model, fresh)).abs().max() < 1e-5

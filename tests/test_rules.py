@@ -242,3 +242,50 @@ def test_tied_embedding_is_one_member_with_alias():
 def test_batch_of_one_is_refused(batch):
     with pytest.raises(fxprune.FxpruneError, match="batch"):
         fxprune.capture(nn.Linear(2, 2), torch.randn(batch, 2))
+
+
+class VectorNorm(nn.Module):
+    """L2 normalisation written three ways: linalg_vector_norm takes (x, ord, dim, keepdim)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "normalize":
+            h = F.normalize(h, dim=-1)
+        elif self.how == "norm_keepdim":
+            h = h / h.norm(dim=-1, keepdim=True)
+        else:
+            h = h * torch.linalg.vector_norm(h, dim=-1)[..., None]
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["normalize", "norm_keepdim", "vector_norm"])
+def test_vector_norm_reads_its_dim_after_ord(how):
+    # regression (fuzz): ord was read as the dim -> TypeError / IndexError / a wrongly coupled dim
+    dg = groups_of(VectorNorm(how), torch.randn(2, 4))
+    g = find(dg, "a.weight", 0)
+    assert members(g) == {("a.weight", 0), ("a.bias", 0), ("b.weight", 1)}
+    assert g.prunable and g.inexact  # normalised over the channels: removal is not masking
+
+
+class SoftmaxOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x).softmax(-1))
+
+
+def test_softmax_over_channels_is_inexact():
+    # regression (fuzz): softmax renormalises over its dim, so zeroing a channel != removing it
+    g = find(groups_of(SoftmaxOverChannels(), torch.randn(2, 4)), "a.weight", 0)
+    assert g.prunable and g.inexact
+    heads = find(groups_of(Heads(), torch.randn(2, 5, 8)), "o.weight", 1)  # softmax over keys only
+    assert not heads.inexact

@@ -264,6 +264,8 @@ def _fix_standard_module(mod: nn.Module) -> None:
 # -- the graph -------------------------------------------------------------------------------------
 
 SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
+# normalised_shape (arg 1) of these ops spans the input's trailing dims: it shrinks with them
+NORM_SHAPE_OPS = {"layer_norm", "native_layer_norm", "rms_norm"}
 
 
 def _rewrite_graph(program: Program, dg: DependencyGraph, masks: KeepMasks, model: nn.Module) -> fx.GraphModule:
@@ -284,6 +286,11 @@ def _rewrite_graph(program: Program, dg: DependencyGraph, masks: KeepMasks, mode
             if isinstance(sizes, (list, tuple)) and len(sizes) == len(dims):
                 new = [(_new_literal(masks, v, s)) for v, s in zip(dims, sizes)]
                 node.args = (node.args[0], new, *node.args[2:])
+        elif name in NORM_SHAPE_OPS and isinstance(node.args[1], (list, tuple)):
+            src = dg.node_dims.get(node.args[0].name) or []
+            sizes = list(node.args[1])
+            new = [_new_literal(masks, v, s) for v, s in zip(src[len(src) - len(sizes):], sizes)]
+            node.args = (node.args[0], new, *node.args[2:])
         elif name in ("split", "split_with_sizes") and isinstance(dims, list):
             src = dg.node_dims.get(node.args[0].name)
             d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
