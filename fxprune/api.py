@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -18,16 +19,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
 from .depgraph import DependencyGraph, count_params, dependency_graph
-from .errors import FxpruneError, VerificationError
+from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, ImportanceRequest, get_importance
 from .passes.recovery import recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
 from .passes.select import Selection, parse_layers, select
 from .plan import Plan
+from .progress import ProgressLike, as_progress
 
 KIND_NAMES = ("heads", "kv_heads", "mlp", "hidden")
-Progress = Callable[[str], None]
+Progress = ProgressLike  # a fxprune.progress.Progress, a callable(str) for stage names, True or None
 
 
 @dataclass
@@ -121,7 +123,7 @@ def prune(
         lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
         plan: replay this plan instead of scoring and selecting.
     """
-    say = progress or (lambda msg: None)
+    say = as_progress(progress)  # callable like before: say("stage"); plus say.bar / say.task
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     bad = [t for t in targets if t not in KIND_NAMES]
@@ -145,8 +147,8 @@ def prune(
 
         example_inputs = make_inputs(model, tokenizer)
 
-    say("capture")
-    program = capture(model, example_inputs)
+    with say.task("capture"):
+        program = capture(model, example_inputs)
     timings["capture_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -163,6 +165,8 @@ def prune(
         from .passes.select import candidates
 
         groups = candidates(dg, sel)
+        if not groups:
+            raise PlanError(_nothing_to_prune(dg, sel))
         batches = _batches(calib)
         if importance in NEEDS_DATA and not batches:
             raise FxpruneError(f"importance '{importance}' needs calibration text (--calib FILE)")
@@ -176,9 +180,9 @@ def prune(
             timings["iterative_s"] = time.perf_counter() - t
             t = time.perf_counter()
         else:
-            say(f"importance ({importance})")
             req = ImportanceRequest(model, dg, groups, batches, aggregate, seed, lora_rank)
-            scores = importance_fn(req) if groups else {}
+            with _importance_bar(say, importance, batches) as req.progress:
+                scores = importance_fn(req)
             timings["importance_s"] = time.perf_counter() - t
             t = time.perf_counter()
             say("select")
@@ -214,6 +218,29 @@ def prune(
         report["recovery"] = recovery
     return PruneResult(pruned_model, rw.graph_module, plan, report, program, dg, example_inputs,
                        tokenizer, model)
+
+
+def _nothing_to_prune(dg: DependencyGraph, sel: Selection) -> str:
+    """The error for targets / a layer range that select no group, naming what the model has."""
+    where = f" in layers {sel.layers.start}:{sel.layers.stop}" if sel.layers is not None else ""
+    have = sorted({g.kind for g in dg.prunable if g.kind in KIND_NAMES})
+    fix = (f"choose --targets from {', '.join(have)}" if have
+           else "every group of this model is pinned; `fxprune inspect` shows why")
+    return f"nothing to prune: no prunable {', '.join(sel.targets)} group{where}; {fix}" + (
+        " or widen --layers" if have and where else "")
+
+
+@contextmanager
+def _importance_bar(say: Any, importance: str, batches: list[Any]) -> Iterator[Callable[[str, int], None] | None]:
+    """A bar over the backward passes of a gradient importance (a stage line for the others)."""
+    if importance not in NEEDS_DATA:
+        say(f"importance ({importance})")
+        yield None
+        return
+    rows = sum(int(b.shape[0]) if hasattr(b, "shape") else 1 for b in batches)
+    with say.bar(f"importance ({importance})", total=len(batches), unit="batch") as bar:
+        # batched passes step once per batch, per-sample passes once per row: grow to the rows
+        yield lambda tag, step: bar.to(step, len(batches) if step <= len(batches) else rows)
 
 
 def _num_layers(model: nn.Module) -> int | None:

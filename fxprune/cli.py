@@ -10,26 +10,17 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import FxpruneError
+from .progress import Progress
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class _Say:
-    """Progress lines on stderr (silent with --quiet)."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.t0 = time.perf_counter()
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+_Say = Progress  # stage lines and bars on stderr, silent with --quiet (see fxprune/progress.py)
 
 
 def _quiet_libraries() -> None:
@@ -47,8 +38,8 @@ def _quiet_libraries() -> None:
 def _load(spec: str, say: _Say):
     from .models import load_model
 
-    say(f"loading {spec}")
-    return load_model(spec)
+    with say.task(f"loading {spec}"):
+        return load_model(spec)
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -129,9 +120,9 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
 
     if not 0.0 < args.ratio < 1.0 and not args.plan:
         raise FxpruneError(f"--ratio must be between 0 and 1 (exclusive), got {args.ratio}")
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise FxpruneError(f"output directory {out} exists and is not empty; pass --force to replace it")
+    from .checkpoint import check_destination
+
+    out = check_destination(args.out, args.force) if args.out else None  # fail before the long work
     from .passes.importance import IMPORTANCES, NEEDS_DATA
 
     if args.importance is not None and args.importance not in IMPORTANCES:
@@ -158,29 +149,45 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
     )
     report = result.report
     if eval_windows is not None:
-        from .data import perplexity
-
-        say("perplexity (dense)")
-        report["ppl_before"] = perplexity(model, eval_windows)["ppl"]
-        say("perplexity (pruned)")
-        report["ppl_after"] = perplexity(result.model, eval_windows)["ppl"]
-        report["eval_tokens"] = int(eval_windows.numel())
+        _evaluate(report, model, result.model, eval_windows, say)
     if out is not None:
-        from .checkpoint import save
-
-        say(f"saving to {out}")
-        save(result, out, force=args.force)
-        if args.onnx:
-            from .exporters.onnx import export_onnx
-
-            say("exporting ONNX")
-            report["onnx"] = export_onnx(result, str(out / "model.onnx"))
-        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        _write_outputs(result, out, args, say)
     if args.json:
         print(json.dumps(report, default=str))
     else:
         print(format_report(report))
     return 0
+
+
+def _evaluate(report: dict[str, Any], dense: Any, pruned: Any, windows: Any, say: _Say) -> None:
+    """Perplexity before/after on the held-out windows, with a bar each."""
+    from .data import perplexity
+
+    for key, model, name in (("ppl_before", dense, "dense"), ("ppl_after", pruned, "pruned")):
+        with say.bar(f"perplexity ({name})", total=int(windows.shape[0]), unit="window") as bar:
+            report[key] = perplexity(model, windows, progress=say.callback(bar))["ppl"]
+    report["eval_tokens"] = int(windows.numel())
+
+
+def _write_outputs(result: Any, out: Path, args: argparse.Namespace, say: _Say) -> None:
+    """Model, ONNX and report all go into one temp dir, moved to ``out`` only when complete."""
+    from .checkpoint import save
+    from .exporters.report import write_report
+
+    report = result.report
+
+    def also(tmp: Path) -> None:
+        if args.onnx:
+            from .exporters.onnx import export_onnx
+
+            with say.task("exporting ONNX"):
+                report["onnx"] = export_onnx(result, str(tmp / "model.onnx"))
+            report["onnx"]["path"] = str(out / "model.onnx")  # where it lives once moved into place
+        say("writing report.md, report.json, kept_width.png")
+        write_report(report, tmp)
+
+    say(f"saving to {out}")
+    save(result, out, force=args.force, also=also)
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -317,7 +324,7 @@ COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval, "expor
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    say = _Say(args.quiet or getattr(args, "json", False) is True)
+    say = Progress(quiet=args.quiet)  # stderr only: --json keeps stdout clean
     try:
         return COMMANDS[args.cmd](args, say)
     except FxpruneError as exc:
