@@ -31,7 +31,7 @@ from torch import fx, nn
 from ..capture import WRAP
 from ..depgraph import layer_of
 from ..errors import FxpruneError
-from .importance.taylor import ModelState, calibration_loss, freeze_all_but
+from .importance.taylor import ModelState, _rows, calibration_loss, freeze_all_but
 
 ADAPTER = "fxprune_recover"
 AfterStep = Callable[[], None]
@@ -128,7 +128,7 @@ def mean_loss(model: nn.Module, batches: list[Any]) -> float:
     """The calibration loss averaged over ``batches`` (weighted by rows), without gradients."""
     total, rows = 0.0, 0
     for b in batches:
-        n = int(b.shape[0]) if isinstance(b, torch.Tensor) else 1
+        n = _rows(b)
         total += float(calibration_loss(model, b)) * n
         rows += n
     return total / max(rows, 1)
