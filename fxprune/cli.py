@@ -56,8 +56,8 @@ def cmd_inspect(args: argparse.Namespace, say: _Say) -> int:
     else:
         model, tok = _load(args.model, say)
         name = args.model
-    say("capture")
-    program = capture(model, example_inputs(model, tok))
+    with say.task("capture"):
+        program = capture(model, example_inputs(model, tok))
     say("dependency graph")
     dg = dependency_graph(program)
     data = dg.to_json(name)
@@ -234,8 +234,8 @@ def cmd_eval(args: argparse.Namespace, say: _Say) -> int:
         raise FxpruneError(f"{args.model} has no tokenizer to evaluate with")
     text = calibration_text(args.text)
     windows = token_windows(tok, text, args.windows, args.seqlen)
-    say(f"perplexity over {args.windows} x {args.seqlen} tokens")
-    res = perplexity(model, windows)
+    with say.bar(f"perplexity over {args.windows} x {args.seqlen} tokens", total=args.windows, unit="window") as bar:
+        res = perplexity(model, windows, progress=say.callback(bar))
     res["params"] = sum(p.numel() for p in model.parameters())
     if args.json:
         print(json.dumps(res))
@@ -249,8 +249,8 @@ def cmd_export(args: argparse.Namespace, say: _Say) -> int:
     from .models import example_inputs
 
     model, tok = _load(args.dir, say)
-    say("exporting ONNX")
-    rep = export_onnx(model, args.onnx, example_inputs(model, tok))
+    with say.task("exporting ONNX"):
+        rep = export_onnx(model, args.onnx, example_inputs(model, tok))
     print(json.dumps(rep, default=str) if args.json else f"wrote {rep['path']} (max |diff| vs torch {rep['max_abs_diff']:.2g})")
     return 0
 

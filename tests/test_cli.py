@@ -222,3 +222,12 @@ def test_debug_shows_traceback(tmp_path):
     assert res.returncode == 2 and "Traceback" in res.stderr
     res = run("prune", str(tmp_path / "nope"), "--quiet")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_eval_prints_json_and_a_perplexity_bar(tok_dir, capsys):
+    calib = tok_dir.parent / "calib.txt"
+    assert main(["eval", str(tok_dir), "--text", str(calib), "--windows", "3", "--seqlen", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert res["tokens"] == 3 * 7 and res["ppl"] > 1
+    assert "perplexity over 3 x 8 tokens done: 3/3 window" in captured.err
