@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -163,10 +164,12 @@ def _evaluate(report: dict[str, Any], dense: Any, pruned: Any, windows: Any, say
     """Perplexity before/after on the held-out windows, with a bar each."""
     from .data import perplexity
 
+    t = time.perf_counter()
     for key, model, name in (("ppl_before", dense, "dense"), ("ppl_after", pruned, "pruned")):
         with say.bar(f"perplexity ({name})", total=int(windows.shape[0]), unit="window") as bar:
             report[key] = perplexity(model, windows, progress=say.callback(bar))["ppl"]
     report["eval_tokens"] = int(windows.numel())
+    _add_time(report, "eval_s", time.perf_counter() - t)
 
 
 def _write_outputs(result: Any, out: Path, args: argparse.Namespace, say: _Say) -> None:
@@ -175,19 +178,30 @@ def _write_outputs(result: Any, out: Path, args: argparse.Namespace, say: _Say) 
     from .exporters.report import write_report
 
     report = result.report
+    t0 = time.perf_counter()
 
-    def also(tmp: Path) -> None:
+    def also(tmp: Path) -> None:  # runs once the model files are in tmp
+        _add_time(report, "save_s", time.perf_counter() - t0)
         if args.onnx:
             from .exporters.onnx import export_onnx
 
+            t = time.perf_counter()
             with say.task("exporting ONNX"):
                 report["onnx"] = export_onnx(result, str(tmp / "model.onnx"))
             report["onnx"]["path"] = str(out / "model.onnx")  # where it lives once moved into place
+            _add_time(report, "onnx_s", time.perf_counter() - t)
         say("writing report.md, report.json, kept_width.png")
         write_report(report, tmp)
 
     say(f"saving to {out}")
     save(result, out, force=args.force, also=also)
+
+
+def _add_time(report: dict[str, Any], key: str, seconds: float) -> None:
+    """A CLI stage's time in the report; ``total_s`` stays the sum of all stages."""
+    t = report.setdefault("timings", {})
+    t[key] = seconds
+    t["total_s"] = t.get("total_s", 0.0) + seconds
 
 
 def format_report(r: dict[str, Any]) -> str:

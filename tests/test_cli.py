@@ -162,6 +162,8 @@ def test_prune_save_reload_and_json(tiny_dir, tmp_path, capsys):
     assert md.startswith("# fxprune report\n\n![kept width per layer](kept_width.png)\n")
     assert (out / "kept_width.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"| parameters | {report['params_before']:,} | {report['params_after']:,} |" in md
+    t = report["timings"]
+    assert t["save_s"] > 0 and t["total_s"] >= t["save_s"] + t["capture_s"] and "| save |" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
     assert _files(tiny_dir) == before
     import fxprune

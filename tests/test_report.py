@@ -36,6 +36,7 @@ def test_writes_markdown_json_and_picture(tmp_path):
     r = _report(ppl_before=20.0, ppl_after=25.0, eval_tokens=5080,
                 onnx={"path": "/x/model.onnx", "opset": 20, "max_abs_diff": 3e-6, "verified_on": {"input_ids": [3, 23]}},
                 recovery={"steps": 5, "loss_before": 3.0, "loss_after": 2.5})
+    r["timings"]["eval_s"] = 1.5  # a stage the CLI adds after prune's total
     paths = write_report(r, tmp_path)
     assert set(paths) == {"md", "json", "png"}
     assert json.loads(paths["json"].read_text()) == r
@@ -49,6 +50,7 @@ def test_writes_markdown_json_and_picture(tmp_path):
                  "- `aten.weird.default`", "- a note", "## Other results", '"loss_after": 2.5'):
         assert text in md, text
     assert "/x/" not in md  # the ONNX file is named relative to the report
+    assert md.index("| eval | 1.50 |") < md.index("| **total** | 3.50 |")  # total is the last row
 
     from matplotlib.image import imread
 

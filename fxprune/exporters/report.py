@@ -68,7 +68,7 @@ def plot_kept_width(report: dict[str, Any], path: str | os.PathLike) -> Path | N
     layers, per_kind = layer_widths(report)
     if not layers:
         return None
-    fig = Figure(figsize=(max(8.0, min(16.0, 0.3 * len(layers) + 5)), 4.4), dpi=120, layout="constrained")
+    fig = Figure(figsize=(max(8.0, min(13.0, 0.25 * len(layers) + 5)), 4.6), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     for kind in KINDS:
         data = per_kind[kind]
@@ -157,7 +157,7 @@ def _timings(r: dict[str, Any]) -> list[str]:
     t = r.get("timings") or {}
     total = t.get("total_s") or sum(v for k, v in t.items() if k != "total_s") or 1.0
     lines = ["| stage | seconds | share |", "|---|---:|---:|"]
-    for k, v in t.items():
+    for k, v in sorted(t.items(), key=lambda kv: kv[0] == "total_s"):  # stable: stage order, total last
         name = k[:-2] if k.endswith("_s") else k
         share = "" if k == "total_s" else f"{v / total:.0%}"
         lines.append(f"| {'**total**' if k == 'total_s' else name} | {v:.2f} | {share} |")
