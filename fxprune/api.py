@@ -122,6 +122,8 @@ def prune(
             many steps, then merge the adapters (no extra parameters); 0 = off.
         lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
         plan: replay this plan instead of scoring and selecting.
+        progress: ``True`` for stage lines and bars on stderr, a ``callable(str)`` for stage names, a
+            :class:`fxprune.progress.Progress`, or None (silent).
     """
     say = as_progress(progress)  # callable like before: say("stage"); plus say.bar / say.task
     timings: dict[str, float] = {}
