@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/groups_scale.py
+	$(PY) bench/compare.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/latency.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/wikitext2_valid.txt"
 MODEL = "smollm2-135m"
@@ -78,13 +78,6 @@ def run_child(script: str, args: list[str], timeout: float | None = None) -> lis
     if out.returncode or not records:
         return [{"error": f"child exited with {out.returncode}", **(records[-1] if records else {})}]
     return records
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()`` and its wall seconds."""
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0
 
 
 # -- Torch-Pruning on a Llama's MLP channels ---------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Time of the whole one-shot pruning pipeline on SmolLM2-135M, fxprune against Torch-Pruning.
+
+The job: remove 20% of all parameters from the MLP channels of layers 3-28, Taylor importance from
+10 x 128 calibration tokens (the start of wikitext2_valid.txt). Model loading is excluded. Each
+tool runs in its own fresh process (the script calls itself with ``--only fxprune|torch-pruning``).
+
+    fxprune        stages from ``result.report["timings"]``: capture, groups, importance (gradients
+                   included), select, rewrite, verify (+ any stage a newer fxprune adds); ``call_s`` is
+                   the whole ``fxprune.prune`` call (it also builds the report: MACs before/after)
+    torch-pruning  build (MetaPruner: dependency graph), gradients (10 backward passes), importance
+                   (the Taylor scorer's own calls inside step), prune (the rest of step)
+
+One JSON line per tool, then {"bench": "pipeline", "method": "ratio", "ratio": fxprune/torch-pruning}
+on the pipeline total (wall), the whole call (wall) and the call's process CPU seconds (all threads;
+less sensitive to a busy machine than wall time). Target: ratio <= 0.5. ``--profile`` runs fxprune
+under cProfile and adds its top functions (cumulative seconds) to fxprune's line.
+
+    python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from typing import Any
+
+from _common import (MODEL, calib_eval_windows, emit, import_tp, log, missing_prerequisite, peak_rss_mb, run_child,
+                     taylor_gradients, tp_pruner, tp_ratio_for)
+
+BENCH = "pipeline"
+RATIO = 0.2
+LAYERS = range(3, 29)
+FX_SETTINGS = {"importance": "taylor-element1", "targets": ("mlp",), "layers": "3:29"}
+TARGET = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calib-samples", type=int, default=10)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1, help="fresh processes per tool; medians are reported")
+    ap.add_argument("--profile", action="store_true", help="cProfile fxprune.prune; top items on stderr and in JSON")
+    ap.add_argument("--profile-top", type=int, default=25)
+    ap.add_argument("--fx-extra", default="{}", help="JSON kwargs added to the fxprune.prune call")
+    ap.add_argument("--only", choices=("fxprune", "torch-pruning"), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    import fxprune
+
+    model, tok = fxprune.load_model(MODEL)
+    calib, _ = calib_eval_windows(tok, args.calib_samples, args.seqlen, 1)
+    return model, calib
+
+
+def run_fxprune(args: argparse.Namespace) -> dict[str, Any]:
+    """fxprune.prune once; stage seconds from its report, and optionally a cProfile summary."""
+    import fxprune
+
+    model, calib = _load(args)
+    kwargs = {**FX_SETTINGS, **json.loads(args.fx_extra)}
+    profiler = cProfile.Profile() if args.profile else None
+    log("fxprune: prune")
+    c0, t0 = time.process_time(), time.perf_counter()
+    if profiler:
+        profiler.enable()
+    res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=RATIO, calib=calib, **kwargs)
+    if profiler:
+        profiler.disable()
+    call, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stages = {k: round(v, 3) for k, v in res.report["timings"].items()}
+    record = {"method": "fxprune", "stages": stages, "total_s": stages.get("total_s"), "call_s": round(call, 3),
+              "cpu_s": round(cpu, 1), "removed": round(res.report["removed_fraction"], 4), "params": res.report["params_after"]}
+    if profiler:
+        record["profile_top"] = profile_top(profiler, args.profile_top)
+    return record
+
+
+def profile_top(profiler: cProfile.Profile, n: int) -> list[dict[str, Any]]:
+    """The ``n`` functions with the most cumulative time (printed to stderr as well)."""
+    stats = pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative")
+    stats.print_stats(n)
+    rows = []
+    for (file, line, func), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"func": f"{file.split('site-packages/')[-1].split('/work/main/')[-1]}:{line}({func})",
+                     "calls": calls, "tottime_s": round(tottime, 3), "cumtime_s": round(cumtime, 3)})
+    rows.sort(key=lambda r: -r["cumtime_s"])
+    return rows[:n]
+
+
+class _TimedImportance:
+    """Wraps a Torch-Pruning importance so the seconds spent scoring inside ``step()`` are known."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def __call__(self, group: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.inner(group)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def run_torch_pruning(args: argparse.Namespace) -> dict[str, Any]:
+    """The same job with Torch-Pruning: MetaPruner build, Taylor gradients, step."""
+    tp = import_tp()
+    model, calib = _load(args)
+    total = sum(p.numel() for p in model.parameters())
+    ratio, _ = tp_ratio_for(model, LAYERS, round(RATIO * total))
+    scorer = _TimedImportance(tp.importance.GroupTaylorImportance())
+    log("torch-pruning: build, gradients, step")
+    c0, t0 = time.process_time(), time.perf_counter()
+    pruner = tp_pruner(tp, model, LAYERS, scorer, ratio, calib[:1, :16])
+    t1 = time.perf_counter()
+    taylor_gradients(model, calib, LAYERS)
+    t2 = time.perf_counter()
+    pruner.step()
+    t3, cpu = time.perf_counter(), time.process_time() - c0
+    stages = {"build_s": t1 - t0, "gradients_s": t2 - t1, "importance_s": scorer.seconds,
+              "prune_s": t3 - t2 - scorer.seconds, "total_s": t3 - t0}
+    stages = {k: round(v, 3) for k, v in stages.items()}
+    after = sum(p.numel() for p in model.parameters())
+    return {"method": "torch-pruning", "stages": stages, "total_s": stages["total_s"], "call_s": stages["total_s"],
+            "cpu_s": round(cpu, 1), "removed": round(1 - after / total, 4), "params": after}
+
+
+def child(args: argparse.Namespace) -> None:
+    record = run_fxprune(args) if args.only == "fxprune" else run_torch_pruning(args)
+    emit({"bench": BENCH, **record, "peak_rss_mb": peak_rss_mb()})
+
+
+def _median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's record with every timing replaced by the median over runs."""
+    out = dict(records[0])
+    out["stages"] = {k: round(statistics.median(r["stages"][k] for r in records), 3) for k in records[0]["stages"]}
+    for key in ("total_s", "call_s", "cpu_s"):
+        if out.get(key) is not None:
+            out[key] = round(statistics.median(r[key] for r in records), 3)
+    out["repeats"] = len(records)
+    return out
+
+
+def parent(args: argparse.Namespace) -> None:
+    why = missing_prerequisite(need_data=True, need_tp=True)
+    if why:
+        emit({"bench": BENCH, "skipped": why})
+        return
+    try:
+        json.loads(args.fx_extra)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--fx-extra: not JSON ({exc}); e.g. '{{\"reconstruct\": true}}'")
+    forwarded = ["--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen), "--fx-extra", args.fx_extra]
+    results: dict[str, dict[str, Any]] = {}
+    for tool in ("fxprune", "torch-pruning"):
+        runs = []
+        for i in range(args.repeats):
+            extra = ["--profile", "--profile-top", str(args.profile_top)] if args.profile and i == 0 else []
+            log(f"--- {tool} run {i + 1}/{args.repeats}")
+            runs += run_child(__file__, ["--only", tool, *forwarded, *extra])
+        ok = [r for r in runs if "error" not in r]
+        if len(ok) != len(runs) or not ok:
+            emit({"bench": BENCH, "method": tool, **(runs[-1] if runs else {"error": "no output"})})
+            continue
+        results[tool] = _median_record(ok)
+        emit(results[tool])
+    if len(results) == 2:
+        fx, tp = results["fxprune"], results["torch-pruning"]
+        ratio = fx["total_s"] / tp["total_s"]
+        emit({"bench": BENCH, "method": "ratio", "fxprune_s": fx["total_s"], "torch_pruning_s": tp["total_s"],
+              "ratio": round(ratio, 3), "ratio_call": round(fx["call_s"] / tp["call_s"], 3),
+              "ratio_cpu": round(fx["cpu_s"] / tp["cpu_s"], 3),
+              "target": TARGET, "met": ratio <= TARGET})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.only:
+        child(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
