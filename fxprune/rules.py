@@ -379,16 +379,21 @@ def _smaller(a: Size, b: Size) -> bool:
 
 
 def expand(ctx: Ctx, node: fx.Node) -> None:
-    """expand: size-1 dims become new *broadcast* variables (GQA's query heads per kv head)."""
+    """expand: size-1 dims become new *broadcast* variables (GQA's query heads per kv head,
+    ``k[:, :, None].expand(b, kv, n, s, d)``). Only a non-trailing dim of ``expand`` is marked:
+    a trailing one, or ``expand_as`` (F.normalize's ``norm.expand_as(x)``), is plain broadcasting
+    against a tensor whose channels (head_dim) must not be mistaken for query heads."""
     x = node.args[0]
     xd, xs = ctx.d(x), ctx.shape(x)
     out = ctx.fresh(node)
     ctx.dims[node] = out
     os_ = ctx.shape(node)
     lead = len(os_) - len(xs)
+    gqa_like = op_name(node) == "expand"
     for k in range(len(xs)):
         if xs[k] == 1 and os_[lead + k] != 1:
-            ctx.solver.broadcast.add(ctx.solver.find(out[lead + k]))
+            if gqa_like and lead + k < len(os_) - 1:
+                ctx.solver.broadcast.add(ctx.solver.find(out[lead + k]))
             continue
         ctx.unify(xd[k], out[lead + k], node)
 

@@ -12,7 +12,11 @@ or return a model that (a) equals its own pruned graph on inputs of another batc
 and (b) equals the zero-masked original wherever removal is exactly masking; dims an unknown op
 touches keep their size and the op is named in the report. Independently of the ratio search, an
 exact plan (random MLP channels, whole heads, whole kv groups) is applied and compared with
-``masked_copy``. A few networks are also exported to ONNX and checked in onnxruntime.
+``masked_copy``, and a plan cutting every prunable group must still run and agree with the pruned
+module. A few networks are also exported to ONNX and checked in onnxruntime.
+
+Seeded and bounded for CI (about a minute of CPU). ``FXPRUNE_FUZZ_SCALE=10`` runs ten times the
+examples; ``FXPRUNE_FUZZ_SHRINK=1`` shrinks a failure to a minimal network (slow).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, event, given, settings
@@ -37,12 +40,13 @@ from fxprune.passes.rewrite import apply_plan, masked_copy
 from fxprune.plan import Plan
 
 
-
 def fuzz(examples: int) -> settings:
     """A fixed seed and a bounded number of examples: the same networks on every CI run."""
     # shrinking a failure can take minutes: CI reports the drawn spec as is (readable dataclasses);
     # FXPRUNE_FUZZ_SHRINK=1 turns shrinking on when debugging one
     phases = list(Phase) if os.environ.get("FXPRUNE_FUZZ_SHRINK") else [Phase.explicit, Phase.generate]
+    # FXPRUNE_FUZZ_SCALE=10 runs ten times the examples (a longer local hunt, same seed)
+    examples = int(examples * float(os.environ.get("FXPRUNE_FUZZ_SCALE", "1")))
     return settings(derandomize=True, max_examples=examples, deadline=None, database=None, phases=phases,
                     print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -169,7 +173,7 @@ def mlp_specs(draw) -> MlpSpec:
 @st.composite
 def attn_specs(draw) -> AttnSpec:
     kv, per = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    rope = draw(st.sampled_from([None, "slice", "chunk"]))
+    rope = draw(st.sampled_from([None, None, "slice", "chunk"]))  # RoPE pins head_dim: rarer
     hd = draw(st.sampled_from([2, 4] if rope else [1, 2, 3, 4]))
     qkv = draw(st.sampled_from(["separate", "fused_split"] + (["fused_chunk"] if per == 1 else [])))
     return AttnSpec(kv, per, hd, qkv, draw(st.sampled_from(["expand", "repeat_interleave"])),
@@ -368,17 +372,18 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return got.shape == want.shape and float((got - want).abs().max()) <= RTOL * max(1.0, float(want.abs().max()))
 
 
-def exact_plan(dg, rng: np.random.Generator) -> Plan:
-    """Random MLP / hidden channels, whole heads, whole kv groups: removal equals zero-masking."""
+def random_plan(dg, rng: np.random.Generator, exact: bool = True) -> Plan:
+    """Random units of every prunable group (GQA: the same count in every kv head). ``exact``:
+    only groups where removal equals zero-masking (MLP / hidden channels, whole heads, kv groups)."""
     keep = {}
     for g in dg.prunable:
-        if g.inexact or g.units < 2:
+        if (exact and g.inexact) or g.units < 2:
             continue
         if g.block:  # GQA query heads: the same count inside every kv head
             per = int(rng.integers(1, g.block)) if g.block > 1 else 1
             keep[g.id] = [b * g.block + int(e) for b in range(g.units // g.block)
                           for e in sorted(rng.choice(g.block, per, replace=False))]
-        elif g.kind in ("mlp", "hidden", "heads", "kv_heads"):
+        elif g.kind in ("mlp", "hidden", "heads", "kv_heads") or not exact:
             keep[g.id] = sorted(rng.choice(g.units, int(rng.integers(1, g.units)), replace=False).tolist())
     return Plan(keep)
 
@@ -423,20 +428,35 @@ def check_prune(model: nn.Module, x, fresh, spec_pins: dict[tuple[str, int], str
     return res
 
 
-def check_exact_plan(model: nn.Module, x, fresh, seed: int, res=None) -> None:
-    """An exact plan applied by the rewrite pass equals masking, in eager and graph form."""
+def check_random_plans(model: nn.Module, x, fresh, seed: int, res=None) -> None:
+    """Plans applied by the rewrite pass directly, whatever the ratio search would pick: an exact
+    one equals masking (graph and module); one over all prunable groups runs and agrees."""
     program = res.program if res is not None else fxprune.capture(model, x)
     dg = res.dg if res is not None else fxprune.dependency_graph(program)
-    plan = exact_plan(dg, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    plan = random_plan(dg, rng)
     event(f"exact plan prunes {len(plan.keep)} groups")
     rw = apply_plan(program, dg, plan)
     want = run_model(masked_copy(program, dg, plan), fresh)
     assert close(run_model(rw.graph_module, fresh), want), f"graph != masked for {sorted(plan.keep)}"
+    check_eager(rw, fresh, want, plan)
+    # every prunable group at once, normalised ones included: no reference value, but the pruned
+    # graph must run on new shapes, keep the output shape and agree with the pruned module
+    plan = random_plan(dg, rng, exact=False)
+    rw = apply_plan(program, dg, plan)
+    got = run_model(rw.graph_module, fresh)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    check_eager(rw, fresh, got, plan)
+
+
+def check_eager(rw, fresh, want: torch.Tensor, plan: Plan) -> None:
+    """The pruned module agrees with ``want`` (when its own code can run at the new sizes)."""
     try:
         got = run_model(rw.model, fresh)
     except RuntimeError:  # the module's code hard-codes a size (prune() then returns the graph)
+        event(f"pruned {type(rw.model).__name__} hard-codes a size")
         return
-    assert close(got, want), f"eager != masked for {sorted(plan.keep)}"
+    assert close(got, want), f"pruned module != reference for {sorted(plan.keep)}"
 
 
 # mostly with "mlp" (every network has an MLP-like group); without it, refusals are exercised
@@ -444,21 +464,25 @@ TARGETS = st.lists(st.sampled_from(["heads", "kv_heads", "hidden"]), max_size=3,
     lambda t: st.sampled_from([["mlp", *t], ["mlp", *t], ["mlp", *t], t or ["heads"]]))
 
 
-@fuzz(60)
+@fuzz(45)
 @given(spec=net_specs(), ratio=st.sampled_from([0.1, 0.2, 0.35]), importance=st.sampled_from(["l2", "random"]),
        targets=TARGETS, seed=st.integers(0, 2**16))
 def test_random_networks_prune_correctly_or_refuse(spec, ratio, importance, targets, seed):
     model = build(spec, seed)
+    for b in spec.blocks:
+        event(f"block {type(b).__name__}" + (f" qk_norm={b.qk_norm}" if isinstance(b, AttnSpec) else ""))
     x, fresh = float_inputs(spec, CAPTURE_SHAPE, seed), float_inputs(spec, FRESH_SHAPE, seed + 1)
     res = check_prune(model, x, fresh, pinned_by_unknown(spec), ratio=ratio, importance=importance,
                       targets=tuple(targets), seed=seed)
-    check_exact_plan(model, x, fresh, seed, res)
+    check_random_plans(model, x, fresh, seed, res)
 
 
-@fuzz(6)
+@fuzz(4)
 @given(spec=net_specs(), seed=st.integers(0, 2**16))
 def test_random_networks_export_onnx_with_parity(spec, seed, tmp_path_factory):
     model = build(spec, seed)
+    for b in spec.blocks:
+        event(f"block {type(b).__name__}" + (f" qk_norm={b.qk_norm}" if isinstance(b, AttnSpec) else ""))
     x, fresh = float_inputs(spec, CAPTURE_SHAPE, seed), float_inputs(spec, FRESH_SHAPE, seed + 1)
     res = check_prune(model, x, fresh, pinned_by_unknown(spec), ratio=0.15, importance="l2",
                       targets=("heads", "kv_heads", "mlp", "hidden"), seed=seed)
@@ -481,7 +505,7 @@ def llama_configs(draw):
                        max_position_embeddings=64)
 
 
-@fuzz(4)
+@fuzz(3)
 @given(cfg=llama_configs(), importance=st.sampled_from(["l2", "random"]), targets=TARGETS, seed=st.integers(0, 2**16))
 def test_random_llama_configs_prune_correctly_or_refuse(cfg, importance, targets, seed):
     from transformers import LlamaForCausalLM
@@ -492,4 +516,4 @@ def test_random_llama_configs_prune_correctly_or_refuse(cfg, importance, targets
     x = {"input_ids": torch.randint(0, 32, CAPTURE_SHAPE, generator=g)}
     fresh = {"input_ids": torch.randint(0, 32, FRESH_SHAPE, generator=g)}
     res = check_prune(model, x, fresh, {}, ratio=0.15, importance=importance, targets=tuple(targets), seed=seed)
-    check_exact_plan(model, x, fresh, seed, res)
+    check_random_plans(model, x, fresh, seed, res)

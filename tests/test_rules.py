@@ -289,3 +289,32 @@ def test_softmax_over_channels_is_inexact():
     assert g.prunable and g.inexact
     heads = find(groups_of(Heads(), torch.randn(2, 5, 8)), "o.weight", 1)  # softmax over keys only
     assert not heads.inexact
+
+
+class L2QkNorm(Gqa):
+    """GQA whose q and k are L2-normalised over head_dim: F.normalize uses norm.expand_as(x)."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = F.normalize(self.q(x).view(b, s, -1, self.hd).transpose(1, 2), dim=-1)
+        k = F.normalize(self.k(x).view(b, s, -1, self.hd).transpose(1, 2), dim=-1)
+        v = self.v(x).view(b, s, -1, self.hd).transpose(1, 2)
+        n = self.hq // self.hkv
+        k = k[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
+        v = v[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_expand_as_broadcast_is_not_mistaken_for_gqa_query_heads():
+    # regression (fuzz): expand_as marked head_dim as a GQA broadcast factor, making a bogus
+    # "heads" group over (query head x head_dim) whose pruning broke the graph's expand sizes
+    dg = groups_of(L2QkNorm(), torch.randn(2, 5, 16))
+    heads = [g for g in dg.groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].units == 4 and heads[0].block == 2
+    assert find(dg, "k.weight", 0).kind == "kv_heads"
+    hd = [g for g in dg.groups if g.kind == "other" and any(m.param == "q.weight" for m in g.members)]
+    assert hd and not any(g.prunable for g in hd)  # head_dim stays pinned
+    res = fxprune.prune(L2QkNorm().eval(), torch.randn(2, 5, 16), ratio=0.2, targets=("heads", "kv_heads"))
+    x = torch.randn(3, 7, 16)
+    assert (res.graph_module(x) - res.model(x)).abs().max() < 1e-5
