@@ -547,6 +547,10 @@ def sdpa(ctx: Ctx, node: fx.Node) -> None:
         ctx.unify(qd[i], vd[i], node)
         ctx.unify(qd[i], out[i], node)
     ctx.unify(qd[-1], kd[-1], node)
+    if node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None):
+        # the default scale is 1/sqrt(q.size(-1)): removing q/k channels would change it. Heads
+        # are pruned whole anyway; this matters when one head leaves no heads x head_dim split
+        ctx.solver.pin(qd[-1], f"head_dim sets SDPA's default scale at {ctx.where(node)}")
     ctx.unify(kd[-2], vd[-2], node)
     ctx.unify(qd[-2], out[-2], node)
     ctx.unify(vd[-1], out[-1], node)

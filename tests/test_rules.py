@@ -318,3 +318,27 @@ def test_expand_as_broadcast_is_not_mistaken_for_gqa_query_heads():
     res = fxprune.prune(L2QkNorm().eval(), torch.randn(2, 5, 16), ratio=0.2, targets=("heads", "kv_heads"))
     x = torch.randn(3, 7, 16)
     assert (res.graph_module(x) - res.model(x)).abs().max() < 1e-5
+
+
+class OneHeadSdpa(nn.Module):
+    """One attention head: the view to (b, 1, s, d) has no heads x head_dim product to pin."""
+
+    def __init__(self, d=8, hd=4):
+        super().__init__()
+        self.hd = hd
+        self.q, self.k, self.v = nn.Linear(d, hd), nn.Linear(d, hd), nn.Linear(d, hd)
+        self.o = nn.Linear(hd, d)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, self.hd))
+
+
+def test_sdpa_default_scale_pins_query_key_channels():
+    # regression (fuzz): with one head, q/k channels became an "mlp" group; removing them changed
+    # SDPA's 1/sqrt(head_dim) scale, so the pruned model differed from the masked one
+    dg = groups_of(OneHeadSdpa(), torch.randn(2, 5, 8))
+    qk = find(dg, "q.weight", 0)
+    assert ("k.weight", 0) in members(qk) and not qk.prunable and "scale" in qk.reason
+    assert find(dg, "v.weight", 0).prunable  # v / o channels do not enter the scale
