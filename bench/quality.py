@@ -29,7 +29,10 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=10)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--extra", default="{}", help='more fxprune.prune kwargs as JSON, e.g. {"reconstruct": true}, or a list of such (one run each)')
     args = ap.parse_args()
+    extras = json.loads(args.extra)
+    extras = extras if isinstance(extras, list) else [extras]
     if not DATA.exists():
         print(json.dumps({"bench": "quality", "skipped": f"{DATA} not found"}))
         return
@@ -46,15 +49,15 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"bench": "quality", "method": "dense", "params": params, "ppl": round(dense, 3),
                       "eval_tokens": int(evalw.numel())}), flush=True)
-    for imp in args.importance.split(","):
+    for imp, extra in [(i, e) for i in args.importance.split(",") for e in extras]:
         t0 = time.perf_counter()
         res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=args.ratio, importance=imp,
                             targets=tuple(args.targets.split(",")), layers=args.layers, mode=args.mode,
-                            calib=calib)
+                            calib=calib, **extra)
         wall = time.perf_counter() - t0
         ppl = perplexity(res.model, evalw)["ppl"]
         print(json.dumps({
-            "bench": "quality", "method": f"fxprune-{imp}", "targets": args.targets, "mode": args.mode,
+            "bench": "quality", "method": f"fxprune-{imp}", "extra": extra, "targets": args.targets, "mode": args.mode,
             "layers": args.layers, "params": res.report["params_after"],
             "removed": round(res.report["removed_fraction"], 4), "wall_s": round(wall, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -96,6 +96,8 @@ def prune(
     tokenizer: Any = None,
     lora_rank: int = 8,
     seed: int = 0,
+    reconstruct: bool = False,
+    damp: float = 0.01,
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``ratio`` of ``model``'s parameters; the caller's model is never modified.
@@ -124,6 +126,9 @@ def prune(
         plan: replay this plan instead of scoring and selecting.
         progress: ``True`` for stage lines and bars on stderr, a ``callable(str)`` for stage names, a
             :class:`fxprune.progress.Progress`, or None (silent).
+        reconstruct: after the rewrite, refit the layers that read pruned channels (down_proj,
+            o_proj...) by least squares on ``calib`` activations (adds no parameter; see
+            :mod:`fxprune.passes.reconstruct`). ``damp`` is its relative ridge damping.
     """
     say = as_progress(progress)  # callable like before: say("stage"); plus say.bar / say.task
     timings: dict[str, float] = {}
@@ -144,6 +149,10 @@ def prune(
     if plan is None and not 0.0 < float(ratio) < 1.0:
         raise FxpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
     importance_fn = get_importance(importance) if plan is None else None
+    if reconstruct and not _batches(calib):
+        raise FxpruneError("reconstruct needs calibration text (--calib FILE, or calib= token windows)")
+    if reconstruct and not damp > 0:
+        raise FxpruneError(f"reconstruct damping must be > 0, got {damp}")
     if example_inputs is None:
         from .models import example_inputs as make_inputs
 
@@ -199,6 +208,15 @@ def prune(
     rw = apply_plan(rewrite_from, dg, plan)
     timings["rewrite_s"] = time.perf_counter() - t
 
+    if reconstruct:
+        from .passes.reconstruct import reconstruct as refit
+
+        t = time.perf_counter()
+        say("reconstruct")
+        batches = _batches(calib)
+        recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp)
+        timings["reconstruct_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     say("verify")
     pruned_model, notes = _check_eager(rw.model, rw.graph_module, example_inputs, rw.notes)
@@ -214,6 +232,8 @@ def prune(
     timings["total_s"] = time.perf_counter() - t0
 
     report = build_report(model, pruned_model, dg, plan, example_inputs, timings, notes)
+    if reconstruct:
+        report["reconstruct"] = recon
     if history is not None:
         report["iterative"] = history
     if recovery is not None:

@@ -131,7 +131,8 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
     model, tok = _load(args.model, say)
     calib = eval_windows = None
     # iterative pruning and recovery fine-tune on the calibration text
-    needs_text = args.importance in NEEDS_DATA or args.eval or args.iterative or args.recover_steps > 0
+    needs_text = (args.importance in NEEDS_DATA or args.eval or args.iterative or args.recover_steps > 0
+                  or args.reconstruct)
     if needs_text and tok is None:
         raise FxpruneError(f"{args.model} has no tokenizer; calibration and --eval need one")
     if needs_text:
@@ -146,7 +147,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         layers=args.layers, mode=args.mode, round_to=args.round_to, aggregate=args.aggregate,
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
-        recover_steps=args.recover_steps, lr=args.lr,
+        recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
     )
     report = result.report
     if eval_windows is not None:
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover-steps", type=int, default=0,
                     help="LoRA recovery steps after pruning, merged into the weights (0: off)")
     pr.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA fine-tuning")
+    pr.add_argument("--reconstruct", action="store_true",
+                    help="refit down_proj/o_proj... on the calibration activations (least squares, no new parameters)")
+    pr.add_argument("--damp", type=float, default=0.01, help="relative ridge damping of --reconstruct")
     pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")

@@ -1,0 +1,118 @@
+"""Reconstruction pass: the refit is the least-squares solution, lowers error, keeps shapes."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.api import run_model
+from fxprune.errors import FxpruneError
+from fxprune.passes.reconstruct import reconstruct, refit_targets
+from fxprune.passes.rewrite import apply_plan
+from fxprune.plan import Plan
+
+
+def correlated_mlp(bias=True):
+    """Linear(8->32) -> ReLU -> Linear(32->6): hidden channels are strongly correlated (rank ~8)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 6, bias=bias)).eval()
+
+
+def batches(n=6, rows=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 8, generator=g), torch.zeros(rows, 6)) for _ in range(n)]
+
+
+def setup(keep, bias=True):
+    model = correlated_mlp(bias)
+    program = fxprune.capture(model, (torch.randn(2, 8),))
+    dg = fxprune.dependency_graph(program)
+    (g,) = [g for g in dg.prunable if g.units == 32]
+    plan = Plan({g.id: keep})
+    return model, program, dg, plan
+
+
+def hidden(model, x):
+    return model[1](model[0](x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_refit_equals_independent_least_squares(bias):
+    keep = list(range(0, 32, 2))
+    model, program, dg, plan = setup(keep, bias)
+    data = batches()
+    rw = apply_plan(program, dg, plan)
+    rep = reconstruct(model, rw.model, program, dg, plan, data, damp=1e-9)
+    assert rep["layers"] == 1
+    # independent: lstsq of the dense output W h on the kept hidden channels (and a constant)
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        h = hidden(model, x).double().numpy()
+        y = h @ model[2].weight.double().numpy().T
+    feats = np.concatenate([h[:, keep], np.ones((len(h), 1))], 1) if bias else h[:, keep]
+    want, *_ = np.linalg.lstsq(feats, y, rcond=None)
+    got = rw.model[2].weight.detach().double().numpy()
+    np.testing.assert_allclose(got, want[: len(keep)].T, rtol=1e-4, atol=1e-5)
+    if bias:
+        shift = rw.model[2].bias.detach().double().numpy() - model[2].bias.detach().double().numpy()
+        np.testing.assert_allclose(shift, want[-1], rtol=1e-4, atol=1e-5)
+    else:
+        assert rep["rel_error_after"] < rep["rel_error_before"]
+
+
+def test_refit_lowers_output_error_and_graph_agrees():
+    keep = list(range(0, 32, 3))
+    model, program, dg, plan = setup(keep)
+    data = batches()
+    plain = apply_plan(program, dg, plan).model
+    rw = apply_plan(program, dg, plan)
+    reconstruct(model, rw.model, program, dg, plan, data)
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(7))  # unseen inputs
+    with torch.no_grad():
+        ref = model(x)
+        err_plain = float((plain(x) - ref).norm())
+        err_refit = float((rw.model(x) - ref).norm())
+        assert err_refit < 0.6 * err_plain
+        # the graph module shares the refit parameters
+        assert torch.allclose(rw.graph_module(x), rw.model(x), atol=1e-6)
+    assert rw.model[2].weight.shape == (6, len(keep))
+
+
+def test_keep_all_plan_has_nothing_to_refit():
+    model, program, dg, _ = setup(list(range(32)))
+    plan = Plan.keep_all(dg)
+    assert refit_targets(model, program, dg, plan) == []
+
+
+def test_bad_arguments():
+    model, program, dg, plan = setup([0, 1, 2])
+    rw = apply_plan(program, dg, plan)
+    with pytest.raises(FxpruneError, match="calibration"):
+        reconstruct(model, rw.model, program, dg, plan, [])
+    with pytest.raises(FxpruneError, match="damping"):
+        reconstruct(model, rw.model, program, dg, plan, batches(), damp=0.0)
+
+
+def test_prune_with_reconstruct_on_llama_lowers_loss_and_leaves_user_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    before = copy.deepcopy(model.state_dict())
+    calib = torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(3))
+    kw = dict(ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=calib)
+    plain = fxprune.prune(model, {"input_ids": calib[:2]}, **kw)
+    refit = fxprune.prune(model, {"input_ids": calib[:2]}, reconstruct=True, **kw)
+    assert refit.report["params_after"] == plain.report["params_after"]
+    assert refit.report["reconstruct"]["layers"] == 4  # o_proj and down_proj of both layers
+    x = {"input_ids": calib}
+    ref = run_model(model, x)
+    assert float((run_model(refit.model, x) - ref).norm()) < float((run_model(plain.model, x) - ref).norm())
+    assert torch.allclose(run_model(refit.graph_module, x), run_model(refit.model, x), atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
