@@ -97,7 +97,7 @@ def prune(
     lora_rank: int = 8,
     seed: int = 0,
     reconstruct: bool = False,
-    damp: float = 0.01,
+    damp: float = 1.0,
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``ratio`` of ``model``'s parameters; the caller's model is never modified.

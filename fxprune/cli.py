@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA fine-tuning")
     pr.add_argument("--reconstruct", action="store_true",
                     help="refit down_proj/o_proj... on the calibration activations (least squares, no new parameters)")
-    pr.add_argument("--damp", type=float, default=0.01, help="relative ridge damping of --reconstruct")
+    pr.add_argument("--damp", type=float, default=1.0, help="relative ridge damping of --reconstruct")
     pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")

@@ -186,3 +186,20 @@ def test_smollm2_short_recovery():
     assert res.model.lm_head.weight is res.model.model.embed_tokens.weight
     x = {"input_ids": calib[:, :16]}
     assert torch.allclose(run_model(res.model, x), run_model(res.graph_module, x), atol=1e-4)
+
+
+def test_cli_reconstruct_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
+    d, text = tiny_dir_with_tokenizer
+    out = tmp_path / "out"
+    code = main(["prune", str(d), "--ratio", "0.2", "--targets", "heads,mlp", "--reconstruct", "--damp", "0.5",
+                 "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "16", "--out", str(out),
+                 "--json", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    rec = report["reconstruct"]
+    assert rec["layers"] > 0 and rec["damp"] == 0.5 and rec["rel_error_after"] < rec["rel_error_before"]
+    model2, _ = fxprune.load(out)
+    assert sum(p.numel() for p in model2.parameters()) == report["params_after"]
+    assert main(["prune", str(d), "--reconstruct", "--damp", "0", "--calib", str(text), "--calib-samples", "2",
+                 "--calib-seqlen", "8", "--quiet"]) == 2
+    assert "damping must be > 0" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def _solve(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, prior: torc
 
 
 def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: DependencyGraph,
-                plan: Plan, batches: Iterable[Any], *, damp: float = 0.01,
+                plan: Plan, batches: Iterable[Any], *, damp: float = 1.0,
                 progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Refit, in place in ``pruned``, every layer whose input channels ``plan`` removed.
 
