@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=10)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--recover-windows", type=int, default=0,
+                    help="recovery data: this many windows after the evaluation slice (disjoint from both)")
     ap.add_argument("--extra", default="{}", help='more fxprune.prune kwargs as JSON, e.g. {"reconstruct": true}, or a list of such (one run each)')
     args = ap.parse_args()
     extras = json.loads(args.extra)
@@ -43,8 +45,11 @@ def main() -> None:
     model, tok = fxprune.load_model("smollm2-135m")
     text = DATA.read_text()
     gap = 20  # windows between calibration and evaluation
-    allw = token_windows(tok, text, args.calib_samples + gap + args.windows, args.seqlen)
-    calib, evalw = allw[: args.calib_samples], allw[args.calib_samples + gap:]
+    n_eval_end = args.calib_samples + gap + args.windows
+    allw = token_windows(tok, text, n_eval_end + args.recover_windows, args.seqlen)
+    calib, evalw = allw[: args.calib_samples], allw[args.calib_samples + gap : n_eval_end]
+    if args.recover_windows:
+        extras = [{"recover_data": allw[n_eval_end:], **e} for e in extras]
     dense = perplexity(model, evalw)["ppl"]
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"bench": "quality", "method": "dense", "params": params, "ppl": round(dense, 3),
@@ -57,7 +62,9 @@ def main() -> None:
         wall = time.perf_counter() - t0
         ppl = perplexity(res.model, evalw)["ppl"]
         print(json.dumps({
-            "bench": "quality", "method": f"fxprune-{imp}", "extra": extra, "targets": args.targets, "mode": args.mode,
+            "bench": "quality", "method": f"fxprune-{imp}",
+            "extra": {k: v for k, v in extra.items() if k != "recover_data"},
+            "recover_windows": args.recover_windows, "targets": args.targets, "mode": args.mode,
             "layers": args.layers, "params": res.report["params_after"],
             "removed": round(res.report["removed_fraction"], 4), "wall_s": round(wall, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -92,6 +92,7 @@ def prune(
     prune_every: int = 5,
     ema: float = 0.9,
     recover_steps: int = 0,
+    recover_data: torch.Tensor | list[torch.Tensor] | None = None,
     lr: float = 2e-4,
     tokenizer: Any = None,
     lora_rank: int = 8,
@@ -122,6 +123,8 @@ def prune(
         ema: moving-average weight of the old scores, ``s <- ema*s + (1-ema)*s_new``, in [0, 1).
         recover_steps: LLM-Pruner's recovery: LoRA-fine-tune the pruned model on ``calib`` for this
             many steps, then merge the adapters (no extra parameters); 0 = off.
+        recover_data: token windows for recovery instead of ``calib`` (10 x 128 calibration
+            tokens are few: many recovery steps on them overfit).
         lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
         plan: replay this plan instead of scoring and selecting.
         progress: ``True`` for stage lines and bars on stderr, a ``callable(str)`` for stage names, a
@@ -224,7 +227,8 @@ def prune(
     recovery = None
     if recover_steps:
         t = time.perf_counter()
-        recovery = recover(pruned_model, _batches(calib), steps=recover_steps, lr=lr, rank=lora_rank,
+        recover_batches = _batches(recover_data) or _batches(calib)
+        recovery = recover(pruned_model, recover_batches, steps=recover_steps, lr=lr, rank=lora_rank,
                            seed=seed, progress=say)
         sync_graph_module(rw.graph_module, pruned_model)
         pruned_model, notes = _check_eager(pruned_model, rw.graph_module, example_inputs, notes)

@@ -129,7 +129,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
     if args.importance is not None and args.importance not in IMPORTANCES:
         raise FxpruneError(f"unknown importance '{args.importance}'; choose one of {', '.join(sorted(IMPORTANCES))}")
     model, tok = _load(args.model, say)
-    calib = eval_windows = None
+    calib = eval_windows = recover_data = None
     # iterative pruning and recovery fine-tune on the calibration text
     needs_text = (args.importance in NEEDS_DATA or args.eval or args.iterative or args.recover_steps > 0
                   or args.reconstruct)
@@ -141,6 +141,9 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
             calib, eval_windows = split_calib_eval(tok, text, args.calib_samples, args.calib_seqlen, args.eval_windows)
         else:
             calib = token_windows(tok, text, args.calib_samples, args.calib_seqlen)
+        if args.recover_samples:  # after the calibration and evaluation windows: disjoint from both
+            used = (args.calib_samples + (args.eval_windows if args.eval else 0)) * args.calib_seqlen
+            recover_data = token_windows(tok, text, args.recover_samples, args.calib_seqlen, offset_tokens=used)
     plan = Plan.load(args.plan) if args.plan else None
     result = api.prune(
         model, ratio=args.ratio, importance=args.importance, targets=_split(args.targets),
@@ -148,6 +151,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
+        recover_data=recover_data,
     )
     report = result.report
     if eval_windows is not None:
@@ -310,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ema", type=float, default=0.9, help="moving-average weight of old scores (--iterative)")
     pr.add_argument("--recover-steps", type=int, default=0,
                     help="LoRA recovery steps after pruning, merged into the weights (0: off)")
+    pr.add_argument("--recover-samples", type=int, default=0,
+                    help="recovery windows taken from the text after the calibration (and --eval) windows; "
+                         "0 = recover on the calibration windows")
     pr.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA fine-tuning")
     pr.add_argument("--reconstruct", action="store_true",
                     help="refit down_proj/o_proj... on the calibration activations (least squares, no new parameters)")
