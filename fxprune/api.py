@@ -194,7 +194,7 @@ def prune(
             timings["iterative_s"] = time.perf_counter() - t
             t = time.perf_counter()
         else:
-            req = ImportanceRequest(model, dg, groups, batches, aggregate, seed, lora_rank)
+            req = ImportanceRequest(model, dg, groups, _stack(batches), aggregate, seed, lora_rank)
             with _importance_bar(say, importance, batches) as req.progress:
                 scores = importance_fn(req)
             timings["importance_s"] = time.perf_counter() - t
@@ -283,6 +283,18 @@ def _batches(calib: Any) -> list[torch.Tensor]:
     if isinstance(calib, torch.Tensor):
         return [calib[i : i + 1] for i in range(calib.shape[0])]
     return list(calib)
+
+
+IMPORTANCE_ROWS = 5  # windows per forward/backward of a gradient pass: larger matmuls, same gradient
+
+
+def _stack(batches: list[Any], rows: int = IMPORTANCE_ROWS) -> list[Any]:
+    """Equal-length token windows stacked ``rows`` at a time (the passes weight each batch by its
+    rows, so the accumulated gradient is the same; per-sample passes split them again)."""
+    if batches and all(isinstance(b, torch.Tensor) for b in batches) and len({b.shape[1:] for b in batches}) == 1:
+        ids = torch.cat(batches)
+        return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
+    return batches
 
 
 def _check_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any, notes: list[str]) -> tuple[nn.Module, list[str]]:
