@@ -8,7 +8,9 @@ held-out evaluation slice (``--windows`` 128-token windows after a gap of 20 win
                           3-28 at the parameter count fxprune reaches at ``--tp-ratio`` (its GQA head
                           pruning crashes on this model)
     fxprune@R             fxprune.prune(ratio=R, **settings, **extra) for each R in ``--fx-ratios``
-    fxprune+rec@R         the same plus ``--fx-recovery`` kwargs (only when that option is given)
+    fxprune+rec@R         the same plus ``--fx-recovery`` kwargs (only when that option is given);
+                          ``"recover_windows": N`` there recovers on N windows taken after the
+                          evaluation slice (disjoint from calibration and evaluation)
 
 Each method runs in its own process (the script calls itself with ``--only METHOD``), so wall time
 and peak RSS are that method's own; model loading and perplexity evaluation are excluded from
@@ -16,7 +18,7 @@ and peak RSS are that method's own; model loading and perplexity evaluation are 
 {"bench": "compare", "method", "params", "removed", "wall_s", "peak_rss_mb", "ppl", "ppl_ratio", ...}
 
     python bench/compare.py [--windows 40] [--fxprune-settings default|reconstruct|'{"importance": ...}']
-                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery '{"recover_steps": 200}']
+                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery '{"recover_steps": 200, "recover_windows": 200}']
                             [--methods dense,tp-taylor,tp-l2,fxprune]
 """
 
@@ -38,6 +40,7 @@ TP_LAYERS = range(3, 29)
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"importance": "taylor-element1", "targets": ["mlp"], "layers": "3:29"},
     "reconstruct": {"importance": "taylor-element1", "targets": ["mlp"], "layers": "3:29", "reconstruct": True},
+    "heads-mlp": {"importance": "taylor-element1", "targets": ["heads", "mlp"], "layers": "1:30", "reconstruct": True},
 }
 
 
@@ -118,12 +121,21 @@ def run_fx(model: Any, calib: Any, args: argparse.Namespace, ratio: float, recov
     import fxprune
 
     settings = fx_settings(args, recovered)
-    unknown = set(settings) - set(inspect.signature(fxprune.prune).parameters)
+    unknown = set(settings) - set(inspect.signature(fxprune.prune).parameters) - {"recover_windows"}
     if unknown:
         return {"error": f"fxprune.prune has no keyword {', '.join(sorted(unknown))} in this checkout",
                 "settings": settings}
+    kwargs = dict(settings)
+    n_rec = kwargs.pop("recover_windows", 0)
+    if n_rec:  # recovery text: windows after the evaluation slice, disjoint from calibration and eval
+        from _common import GAP_WINDOWS
+        from fxprune.data import token_windows
+
+        used = (args.calib_samples + GAP_WINDOWS + args.windows) * args.seqlen
+        kwargs["recover_data"] = token_windows(args.tokenizer, DATA.read_text(encoding="utf-8"), n_rec,
+                                               args.seqlen, offset_tokens=used)
     t0 = time.perf_counter()
-    res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=ratio, calib=calib, **settings)
+    res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=ratio, calib=calib, **kwargs)
     wall = time.perf_counter() - t0
     timings = {k: round(v, 2) for k, v in res.report["timings"].items()}
     model = res.model
@@ -146,6 +158,7 @@ def child(args: argparse.Namespace) -> None:
     method = args.only
     runner = _runner(method)
     model, tok = fxprune.load_model(MODEL)
+    args.tokenizer = tok
     calib, evalw = calib_eval_windows(tok, args.calib_samples, args.seqlen, args.windows)
     log(f"{method}: pruning")
     record = runner(model, calib, args)

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--recover-windows", type=int, default=0,
                     help="recovery data: this many windows after the evaluation slice (disjoint from both)")
+    ap.add_argument("--recover-text", default="wikitext", choices=["wikitext", "pydoc"],
+                    help="where --recover-windows come from: wikitext after the eval slice (in domain), "
+                         "or CPython's pydoc topics (out of domain: no wikitext seen in recovery)")
     ap.add_argument("--extra", default="{}", help='more fxprune.prune kwargs as JSON, e.g. {"reconstruct": true}, or a list of such (one run each)')
     args = ap.parse_args()
     extras = json.loads(args.extra)
@@ -49,7 +52,11 @@ def main() -> None:
     allw = token_windows(tok, text, n_eval_end + args.recover_windows, args.seqlen)
     calib, evalw = allw[: args.calib_samples], allw[args.calib_samples + gap : n_eval_end]
     if args.recover_windows:
-        extras = [{"recover_data": allw[n_eval_end:], **e} for e in extras]
+        from fxprune.data import calibration_text
+
+        rec = (allw[n_eval_end:] if args.recover_text == "wikitext"
+               else token_windows(tok, calibration_text(None), args.recover_windows, args.seqlen))
+        extras = [{"recover_data": rec, **e} for e in extras]
     dense = perplexity(model, evalw)["ppl"]
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"bench": "quality", "method": "dense", "params": params, "ppl": round(dense, 3),
@@ -64,7 +71,7 @@ def main() -> None:
         print(json.dumps({
             "bench": "quality", "method": f"fxprune-{imp}",
             "extra": {k: v for k, v in extra.items() if k != "recover_data"},
-            "recover_windows": args.recover_windows, "targets": args.targets, "mode": args.mode,
+            "recover_windows": args.recover_windows, "recover_text": args.recover_text, "targets": args.targets, "mode": args.mode,
             "layers": args.layers, "params": res.report["params_after"],
             "removed": round(res.report["removed_fraction"], 4), "wall_s": round(wall, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

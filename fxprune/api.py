@@ -195,7 +195,7 @@ def prune(
             t = time.perf_counter()
         else:
             req = ImportanceRequest(model, dg, groups, _stack(batches), aggregate, seed, lora_rank)
-            with _importance_bar(say, importance, batches) as req.progress:
+            with _importance_bar(say, importance, req.batches) as req.progress:
                 scores = importance_fn(req)
             timings["importance_s"] = time.perf_counter() - t
             t = time.perf_counter()

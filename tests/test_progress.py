@@ -85,7 +85,7 @@ def _tiny_llama():
 
 
 @pytest.mark.parametrize("importance, calib, steps", [
-    ("taylor-element1", torch.randint(0, 64, (3, 12)), 3),  # batched: one step per window
+    ("taylor-element1", torch.randint(0, 64, (7, 12)), 2),  # batched: 5 windows a step (7 -> 5 + 2)
     ("taylor-element2", [torch.randint(0, 64, (2, 12))] * 2, 4),  # per sample: grows to the rows
 ])
 def test_prune_drives_stage_lines_and_the_importance_bar(importance, calib, steps):
