@@ -20,7 +20,9 @@ refit, as SparseGPT does. The target is still the dense model's output, so the r
 the drift of earlier layers: with inputs ``X'`` (pruned model) and ``X`` (dense model), the solution
 is ``A = (W X^T X'_K)(X'_K^T X'_K)^-1``, which needs ``X'_K^T X`` across the two models. Both models
 are run on the same batches: the dense one once, keeping every refit layer's input (float32, so
-``tokens x width x 4`` bytes per layer), the pruned one once per refit layer, stopped at that layer.
+``tokens x width x 4`` bytes per layer). Up to ``ONE_PASS_ROWS`` windows, the pruned model runs once
+on all of them, and each layer's forward pre-hook refits it just before it runs, so every layer sees
+its refit predecessors; with more windows, the pruned model runs once per refit layer, stopped there.
 
 Which layers: every ``nn.Linear`` (or GPT-2 ``Conv1D``) whose weight loses *input* channels under the
 plan: ``down_proj`` / ``fc2`` for MLP channels, ``o_proj`` / ``dense`` for heads. When its output
@@ -43,6 +45,7 @@ from ..errors import FxpruneError
 from ..plan import Plan
 from .rewrite import KeepMasks, _param_indices
 
+ONE_PASS_ROWS = 16  # windows refit in a single forward pass (bounds its activations and logits)
 # module class name -> the weight dim that holds input features
 INPUT_DIM: dict[str, int] = {"Linear": 1, "Conv1D": 0}
 
@@ -131,49 +134,90 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
     targets = refit_targets(original, program, dg, plan)
     if not targets:
         return {"layers": 0, "damp": damp}
-    errors_before, errors_after = [], []
+    errors: dict[str, list[float]] = {"before": [], "after": []}
     was = (original.training, pruned.training)
     original.eval()
     pruned.eval()
-    batches = _merge(batches)
+    batches = _merge(batches, rows=ONE_PASS_ROWS)
     try:
         dense_inputs = _dense_inputs(original, targets, batches)
-        for step, t in enumerate(targets):
-            stats = _collect(pruned, t, dense_inputs.pop(t.path), batches)
-            dense_w = original.get_submodule(t.path).weight.detach().double()
-            w = dense_w if t.in_dim == 1 else dense_w.T  # as (out, in)
-            mod = pruned.get_submodule(t.path)
-            prior = w[:, torch.as_tensor(t.kept_in)]  # all rows: rows are cut after the solve
-            bias = getattr(mod, "bias", None)
-            if bias is None:
-                a = _solve(w, stats["xx"], stats["gram"], prior, damp, len(t.kept_in))
-            else:  # refit the bias too (an intercept): FLAP's mean compensation, and more
-                a_aug = _solve(torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1),
-                               _augment_cross(stats), _augment_gram(stats), prior, damp, len(t.kept_in))
-                a, shift = a_aug[:, :-1], a_aug[:, -1]
-            old = mod.weight.detach().double()
-            old = old if t.in_dim == 1 else old.T
-            if t.kept_out is not None:
-                a = a[torch.as_tensor(t.kept_out)]
-                w = w[torch.as_tensor(t.kept_out)]
-            errors_before.append(_rel_error(w, old, stats))
-            if bias is None:
-                errors_after.append(_rel_error(w, a, stats))
-            with torch.no_grad():
-                mod.weight.copy_((a if t.in_dim == 1 else a.T).to(mod.weight.dtype))
-                if bias is not None:
-                    kept_shift = shift if t.kept_out is None else shift[torch.as_tensor(t.kept_out)]
-                    bias.add_(kept_shift.to(bias.dtype))
-            if progress is not None:
-                progress("reconstruct", step + 1)
+        if len(batches) == 1:
+            _refit_in_one_pass(original, pruned, targets, dense_inputs, batches[0], damp, errors, progress)
+        else:
+            for step, t in enumerate(targets):
+                stats = _collect(pruned, t, dense_inputs.pop(t.path), batches)
+                _refit(original, pruned, t, stats, damp, errors)
+                if progress is not None:
+                    progress("reconstruct", step + 1)
     finally:
         original.train(was[0])
         pruned.train(was[1])
     out: dict[str, Any] = {"layers": len(targets), "damp": damp,
-                           "rel_error_before": float(np.mean(errors_before))}
-    if errors_after:  # measured for bias-free layers (the error formula has no intercept term)
-        out["rel_error_after"] = float(np.mean(errors_after))
+                           "rel_error_before": float(np.mean(errors["before"]))}
+    if errors["after"]:  # measured for bias-free layers (the error formula has no intercept term)
+        out["rel_error_after"] = float(np.mean(errors["after"]))
     return out
+
+
+def _refit(original: nn.Module, pruned: nn.Module, t: _Target, stats: dict[str, torch.Tensor], damp: float,
+           errors: dict[str, list[float]]) -> None:
+    """Solve for ``t``'s kept weights (and bias) from its input moments and write them in place."""
+    dense_w = original.get_submodule(t.path).weight.detach().double()
+    w = dense_w if t.in_dim == 1 else dense_w.T  # as (out, in)
+    mod = pruned.get_submodule(t.path)
+    prior = w[:, torch.as_tensor(t.kept_in)]  # all rows: rows are cut after the solve
+    bias = getattr(mod, "bias", None)
+    if bias is None:
+        a = _solve(w, stats["xx"], stats["gram"], prior, damp, len(t.kept_in))
+    else:  # refit the bias too (an intercept): FLAP's mean compensation, and more
+        a_aug = _solve(torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1),
+                       _augment_cross(stats), _augment_gram(stats), prior, damp, len(t.kept_in))
+        a, shift = a_aug[:, :-1], a_aug[:, -1]
+    old = mod.weight.detach().double()
+    old = old if t.in_dim == 1 else old.T
+    if t.kept_out is not None:
+        a = a[torch.as_tensor(t.kept_out)]
+        w = w[torch.as_tensor(t.kept_out)]
+    errors["before"].append(_rel_error(w, old, stats))
+    if bias is None:
+        errors["after"].append(_rel_error(w, a, stats))
+    with torch.no_grad():
+        mod.weight.copy_((a if t.in_dim == 1 else a.T).to(mod.weight.dtype))
+        if bias is not None:
+            kept_shift = shift if t.kept_out is None else shift[torch.as_tensor(t.kept_out)]
+            bias.add_(kept_shift.to(bias.dtype))
+
+
+def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Target],
+                       dense_inputs: dict[str, list[torch.Tensor]], batch: Any, damp: float,
+                       errors: dict[str, list[float]], progress: Callable[[str, int], None] | None) -> None:
+    """All calibration data in one forward of the pruned model: each target's pre-hook refits it
+    before it runs, so later targets already see the refit earlier ones (sequential, one pass)."""
+    done: list[str] = []
+
+    def hook_for(t: _Target):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            if t.path in done:  # a module called twice: refit on its first call only
+                return
+            xp, x = _flat_input(args[0]), dense_inputs[t.path][0].double()
+            stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
+                     "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+            _refit(original, pruned, t, stats, damp, errors)
+            done.append(t.path)
+            if progress is not None:
+                progress("reconstruct", len(done))
+        return hook
+
+    handles = [pruned.get_submodule(t.path).register_forward_pre_hook(hook_for(t)) for t in targets]
+    try:
+        with torch.no_grad():
+            _forward(pruned, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t.path for t in targets if t.path not in done]
+    if missing:
+        raise FxpruneError(f"reconstruction: {missing[0]} was not called by the model's forward")
 
 
 def _merge(batches: list[Any], rows: int = 8) -> list[Any]:
