@@ -14,7 +14,7 @@ they are: calibration sets are small (1,280 tokens against 1,536 MLP channels), 
 least-squares fit overfits them (measured on SmolLM2, MLP 20%: held-out perplexity 80 -> 514
 with ridge towards zero at damp 0.01). A large ``damp`` leaves the layer unchanged.
 
-``H`` is measured in the *pruned* model, layer by layer in execution order (``sequential=True``):
+``H`` is measured in the *pruned* model, layer by layer in execution order:
 each layer is refit against the inputs it will really see once the layers before it are pruned and
 refit, as SparseGPT does. The target is still the dense model's output, so the refit also corrects
 the drift of earlier layers: with inputs ``X'`` (pruned model) and ``X`` (dense model), the solution
@@ -43,7 +43,7 @@ from ..capture import Program, call_extras
 from ..depgraph import DependencyGraph
 from ..errors import FxpruneError
 from ..plan import Plan
-from .rewrite import KeepMasks, _param_indices
+from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
 
 ONE_PASS_ROWS = 16  # windows refit in a single forward pass (bounds its activations and logits)
 # module class name -> the weight dim that holds input features
@@ -56,7 +56,6 @@ class _Target:
     in_dim: int
     kept_in: np.ndarray
     kept_out: np.ndarray | None
-    order: int = 0
 
 
 def refit_targets(original: nn.Module, program: Program, dg: DependencyGraph, plan: Plan) -> list[_Target]:
