@@ -103,10 +103,14 @@ class Gqa(nn.Module):
         self.v = nn.Linear(d, hkv * hd, bias=False)
         self.o = nn.Linear(hq * hd, d, bias=False)
 
+    def qk(self, q, k):
+        return q, k
+
     def forward(self, x):
         b, s, _ = x.shape
         q = self.q(x).view(b, s, -1, self.hd).transpose(1, 2)
         k = self.k(x).view(b, s, -1, self.hd).transpose(1, 2)
+        q, k = self.qk(q, k)
         v = self.v(x).view(b, s, -1, self.hd).transpose(1, 2)
         n = self.hq // self.hkv
         k = k[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
@@ -294,16 +298,8 @@ def test_softmax_over_channels_is_inexact():
 class L2QkNorm(Gqa):
     """GQA whose q and k are L2-normalised over head_dim: F.normalize uses norm.expand_as(x)."""
 
-    def forward(self, x):
-        b, s, _ = x.shape
-        q = F.normalize(self.q(x).view(b, s, -1, self.hd).transpose(1, 2), dim=-1)
-        k = F.normalize(self.k(x).view(b, s, -1, self.hd).transpose(1, 2), dim=-1)
-        v = self.v(x).view(b, s, -1, self.hd).transpose(1, 2)
-        n = self.hq // self.hkv
-        k = k[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
-        v = v[:, :, None].expand(b, self.hkv, n, s, self.hd).reshape(b, self.hq, s, self.hd)
-        a = F.scaled_dot_product_attention(q, k, v)
-        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+    def qk(self, q, k):
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
 
 
 def test_expand_as_broadcast_is_not_mistaken_for_gqa_query_heads():
