@@ -17,8 +17,8 @@ and peak RSS are that method's own; model loading and perplexity evaluation are 
 ``wall_s`` (``eval_s`` is reported beside it). One JSON line per method on stdout:
 {"bench": "compare", "method", "params", "removed", "wall_s", "peak_rss_mb", "ppl", "ppl_ratio", ...}
 
-    python bench/compare.py [--windows 40] [--fxprune-settings default|reconstruct|'{"importance": ...}']
-                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery '{"recover_steps": 200, "recover_windows": 200}']
+    python bench/compare.py [--windows 40] [--fxprune-settings best|default|reconstruct|heads-mlp|'{"importance": ...}']
+                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery '{"recover_steps": 50}' (default; '' for none)]
                             [--methods dense,tp-taylor,tp-l2,fxprune]
 """
 
@@ -42,6 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reconstruct": {"importance": "taylor-element1", "targets": ["mlp"], "layers": "3:29", "reconstruct": True},
     "heads-mlp": {"importance": "taylor-element1", "targets": ["heads", "mlp"], "layers": "1:30", "reconstruct": True},
 }
+# "best": the preset measured best at each ratio (MLP-only at 50% leaves 3% of those channels)
+BEST = {0.2: "reconstruct", 0.5: "heads-mlp"}
+BEST_RECOVERY = '{"recover_steps": 50}'  # on the 10 calibration windows; more steps overfit them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,19 +56,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--tp-ratio", type=float, default=0.2, help="fraction of all parameters Torch-Pruning removes")
     ap.add_argument("--fx-ratios", default="0.2,0.5")
-    ap.add_argument("--fxprune-settings", default="default",
-                    help=f"a preset ({', '.join(PRESETS)}) or a JSON object of fxprune.prune kwargs")
+    ap.add_argument("--fxprune-settings", default="best",
+                    help=f"best (per ratio: {BEST}), a preset ({', '.join(PRESETS)}) or a JSON object of "
+                         "fxprune.prune kwargs")
     ap.add_argument("--fx-extra", default="{}", help="JSON kwargs added to every fxprune.prune call")
-    ap.add_argument("--fx-recovery", default=None,
-                    help="JSON kwargs that turn recovery on; adds fxprune+rec@R methods")
+    ap.add_argument("--fx-recovery", default=BEST_RECOVERY,
+                    help="JSON kwargs for the fxprune+rec@R methods ('' for none)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child mode: one method
     ap.add_argument("--match-params", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
-def fx_settings(args: argparse.Namespace, recovered: bool) -> dict[str, Any]:
+def fx_settings(args: argparse.Namespace, recovered: bool, ratio: float = 0.2) -> dict[str, Any]:
     """fxprune.prune kwargs (ratio excluded): preset or JSON, then --fx-extra, then recovery."""
     spec = args.fxprune_settings
+    if spec == "best":
+        spec = BEST.get(ratio, "heads-mlp" if ratio > 0.3 else "reconstruct")
     settings = dict(PRESETS[spec]) if spec in PRESETS else _json_object(spec, "--fxprune-settings")
     settings.update(_json_object(args.fx_extra, "--fx-extra"))
     if recovered:
@@ -120,7 +126,7 @@ def run_tp(model: Any, calib: Any, args: argparse.Namespace, kind: str) -> dict[
 def run_fx(model: Any, calib: Any, args: argparse.Namespace, ratio: float, recovered: bool) -> dict[str, Any]:
     import fxprune
 
-    settings = fx_settings(args, recovered)
+    settings = fx_settings(args, recovered, ratio)
     unknown = set(settings) - set(inspect.signature(fxprune.prune).parameters) - {"recover_windows"}
     if unknown:
         return {"error": f"fxprune.prune has no keyword {', '.join(sorted(unknown))} in this checkout",
