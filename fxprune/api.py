@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
+from .data import stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, ImportanceRequest, get_importance
@@ -29,6 +30,7 @@ from .plan import Plan
 from .progress import ProgressLike, as_progress
 
 KIND_NAMES = ("heads", "kv_heads", "mlp", "hidden")
+IMPORTANCE_ROWS = 5  # windows per forward/backward of a gradient pass: larger matmuls, same gradient
 Progress = ProgressLike  # a fxprune.progress.Progress, a callable(str) for stage names, True or None
 
 
@@ -194,7 +196,9 @@ def prune(
             timings["iterative_s"] = time.perf_counter() - t
             t = time.perf_counter()
         else:
-            req = ImportanceRequest(model, dg, groups, _stack(batches), aggregate, seed, lora_rank)
+            # the passes weight each batch by its rows, so stacking leaves the gradient as it is
+            req = ImportanceRequest(model, dg, groups, stack_windows(batches, IMPORTANCE_ROWS), aggregate,
+                                    seed, lora_rank)
             with _importance_bar(say, importance, req.batches) as req.progress:
                 scores = importance_fn(req)
             timings["importance_s"] = time.perf_counter() - t
@@ -283,18 +287,6 @@ def _batches(calib: Any) -> list[torch.Tensor]:
     if isinstance(calib, torch.Tensor):
         return [calib[i : i + 1] for i in range(calib.shape[0])]
     return list(calib)
-
-
-IMPORTANCE_ROWS = 5  # windows per forward/backward of a gradient pass: larger matmuls, same gradient
-
-
-def _stack(batches: list[Any], rows: int = IMPORTANCE_ROWS) -> list[Any]:
-    """Equal-length token windows stacked ``rows`` at a time (the passes weight each batch by its
-    rows, so the accumulated gradient is the same; per-sample passes split them again)."""
-    if batches and all(isinstance(b, torch.Tensor) for b in batches) and len({b.shape[1:] for b in batches}) == 1:
-        ids = torch.cat(batches)
-        return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
-    return batches
 
 
 def _check_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any, notes: list[str]) -> tuple[nn.Module, list[str]]:

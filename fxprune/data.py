@@ -104,6 +104,17 @@ def split_calib_eval(tokenizer: Any, text: str, calib_n: int, seqlen: int,
     return windows[:calib_n], windows[calib_n:]
 
 
+def stack_windows(batches: list[Any], rows: int) -> list[Any]:
+    """Equal-length token-id batches stacked ``rows`` at a time: fewer, larger forwards.
+
+    Any other batch form (dicts, (inputs, targets) pairs, mixed lengths) is returned as it is.
+    """
+    if batches and all(isinstance(b, torch.Tensor) for b in batches) and len({b.shape[1:] for b in batches}) == 1:
+        ids = torch.cat(batches)
+        return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
+    return batches
+
+
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..capture import Program, call_extras
+from ..data import stack_windows
 from ..depgraph import DependencyGraph
 from ..errors import FxpruneError
 from ..plan import Plan
@@ -137,7 +138,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
     was = (original.training, pruned.training)
     original.eval()
     pruned.eval()
-    batches = _merge(batches, rows=ONE_PASS_ROWS)
+    batches = stack_windows(batches, ONE_PASS_ROWS)
     try:
         dense_inputs = _dense_inputs(original, targets, batches)
         if len(batches) == 1:
@@ -217,14 +218,6 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
     missing = [t.path for t in targets if t.path not in done]
     if missing:
         raise FxpruneError(f"reconstruction: {missing[0]} was not called by the model's forward")
-
-
-def _merge(batches: list[Any], rows: int = 8) -> list[Any]:
-    """Token-id batches of one length stacked into chunks of ``rows``: fewer, larger forwards."""
-    if all(isinstance(b, torch.Tensor) for b in batches) and len({b.shape[1:] for b in batches}) == 1:
-        ids = torch.cat(batches)
-        return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
-    return batches
 
 
 def _dense_inputs(original: nn.Module, targets: list[_Target], batches: list[Any]) -> dict[str, list[torch.Tensor]]:
