@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,7 +22,7 @@ from .capture import Program, capture, call_extras, main_outputs, normalize_inpu
 from .data import stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
-from .passes.importance import NEEDS_DATA, AGGREGATES, ImportanceRequest, get_importance
+from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
 from .passes.recovery import recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
@@ -101,6 +102,7 @@ def prune(
     seed: int = 0,
     reconstruct: bool = False,
     damp: float = 1.0,
+    refit_all: bool = False,
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``ratio`` of ``model``'s parameters; the caller's model is never modified.
@@ -133,7 +135,10 @@ def prune(
             :class:`fxprune.progress.Progress`, or None (silent).
         reconstruct: after the rewrite, refit the layers that read pruned channels (down_proj,
             o_proj...) by least squares on ``calib`` activations (adds no parameter; see
-            :mod:`fxprune.passes.reconstruct`). ``damp`` is its relative ridge damping.
+            :mod:`fxprune.passes.reconstruct`). ``damp`` is its relative ridge damping. Importance
+            ``obs`` chooses units for this refit (:mod:`fxprune.passes.importance.obs`) and turns it on.
+        refit_all: reconstruct also refits every other untied Linear (q/k/v, gate/up...) against
+            the dense model's output, correcting the drift of its inputs; turns ``reconstruct`` on.
     """
     say = as_progress(progress)  # callable like before: say("stage"); plus say.bar / say.task
     timings: dict[str, float] = {}
@@ -154,6 +159,13 @@ def prune(
     if plan is None and not 0.0 < float(ratio) < 1.0:
         raise FxpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
     importance_fn = get_importance(importance) if plan is None else None
+    reconstruct = reconstruct or refit_all
+    if plan is None and importance in SELECTS:
+        if iterative:
+            raise FxpruneError(f"importance '{importance}' selects in one shot; drop iterative (--iterative)")
+        if mode != "local":
+            raise FxpruneError(f"importance '{importance}' ranks within each group: use --mode local")
+        reconstruct = True  # it picks the units the refit compensates best: the refit must follow
     if reconstruct and not _batches(calib):
         raise FxpruneError("reconstruct needs calibration text (--calib FILE, or calib= token windows)")
     if reconstruct and not damp > 0:
@@ -198,7 +210,10 @@ def prune(
         else:
             # the passes weight each batch by its rows, so stacking leaves the gradient as it is
             req = ImportanceRequest(model, dg, groups, stack_windows(batches, IMPORTANCE_ROWS), aggregate,
-                                    seed, lora_rank)
+                                    seed, lora_rank, damp=damp)
+            if importance in SELECTS:  # the counts local ranking keeps, whatever the scores
+                probe = select(dg, {g.id: np.zeros(g.units) for g in groups}, sel)
+                req.keep = {g.id: len(probe.keep.get(g.id, range(g.units))) for g in groups}
             with _importance_bar(say, importance, req.batches) as req.progress:
                 scores = importance_fn(req)
             timings["importance_s"] = time.perf_counter() - t
@@ -221,7 +236,7 @@ def prune(
         t = time.perf_counter()
         say("reconstruct")
         batches = _batches(calib)
-        recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp)
+        recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp, drift=refit_all)
         timings["reconstruct_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

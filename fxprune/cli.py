@@ -151,6 +151,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
+        refit_all=args.refit_all,
         recover_data=recover_data,
     )
     report = result.report
@@ -297,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", parents=[common], help="prune a model and save it")
     pr.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     pr.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters to remove")
-    pr.add_argument("--importance", default=None, help="importance pass (default l2; lora with --iterative)")
+    pr.add_argument("--importance", default=None,
+                    help="importance pass (default l2; lora with --iterative; obs: chosen for --reconstruct)")
     pr.add_argument("--targets", default="heads,mlp", help="comma list of heads,kv_heads,mlp,hidden")
     pr.add_argument("--layers", default=None, help="layer range START:END, e.g. 3:29")
     pr.add_argument("--mode", default="local", choices=["local", "global"])
@@ -321,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reconstruct", action="store_true",
                     help="refit down_proj/o_proj... on the calibration activations (least squares, no new parameters)")
     pr.add_argument("--damp", type=float, default=1.0, help="relative ridge damping of --reconstruct")
+    pr.add_argument("--refit-all", action="store_true",
+                    help="--reconstruct also refits every other Linear whose inputs drift (q/k/v, gate/up...)")
     pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")

@@ -59,18 +59,23 @@ class _Target:
     kept_out: np.ndarray | None
 
 
-def refit_targets(original: nn.Module, program: Program, dg: DependencyGraph, plan: Plan) -> list[_Target]:
-    """The layers whose input channels the plan removes, in parameter order."""
+def refit_targets(original: nn.Module, program: Program, dg: DependencyGraph, plan: Plan,
+                  drift: bool = False) -> list[_Target]:
+    """The layers whose input channels the plan removes, in parameter order. With ``drift``, also
+    every other Linear (not tied to another parameter): its inputs drift once earlier layers are
+    pruned, and refitting it against the dense output corrects that."""
     index = _param_indices(program, dg, KeepMasks(dg, plan))
     out = []
-    for name, dims in index.items():
-        if "." not in name or not name.endswith(".weight"):
-            continue
-        path = name[: -len(".weight")]
-        mod = original.get_submodule(path)
+    for path, mod in original.named_modules():
         in_dim = INPUT_DIM.get(type(mod).__name__)
-        if in_dim is None or mod.weight.dim() != 2 or in_dim not in dims:
+        weight = getattr(mod, "weight", None)
+        if in_dim is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
+        dims = index.get(f"{path}.weight", {})
+        if in_dim not in dims:
+            if not drift or len(program.aliases.get(f"{path}.weight", [])) > 1:
+                continue
+            dims = {**dims, in_dim: np.arange(weight.shape[in_dim])}
         out.append(_Target(path, in_dim, dims[in_dim], dims.get(1 - in_dim)))
     return out
 
@@ -117,7 +122,7 @@ def _solve(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, prior: torc
 
 
 def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: DependencyGraph,
-                plan: Plan, batches: Iterable[Any], *, damp: float = 1.0,
+                plan: Plan, batches: Iterable[Any], *, damp: float = 1.0, drift: bool = False,
                 progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Refit, in place in ``pruned``, every layer whose input channels ``plan`` removed.
 
@@ -131,7 +136,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
         raise FxpruneError("reconstruction needs calibration batches (--calib)")
     if damp <= 0:
         raise FxpruneError(f"reconstruction damping must be > 0, got {damp}")
-    targets = refit_targets(original, program, dg, plan)
+    targets = refit_targets(original, program, dg, plan, drift)
     if not targets:
         return {"layers": 0, "damp": damp}
     errors: dict[str, list[float]] = {"before": [], "after": []}
@@ -200,6 +205,9 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
             if t.path in done:  # a module called twice: refit on its first call only
                 return
             xp, x = _flat_input(args[0]), dense_inputs[t.path][0].double()
+            if len(t.kept_in) == x.shape[1] and torch.equal(xp, x):  # upstream of any pruning: no drift
+                done.append(t.path)
+                return
             stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
                      "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
             _refit(original, pruned, t, stats, damp, errors)

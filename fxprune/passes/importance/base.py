@@ -33,6 +33,8 @@ class ImportanceRequest:
     seed: int = 0
     lora_rank: int = 8
     progress: Callable[[str, int], None] | None = None
+    keep: dict[str, int] | None = None  # units each group will keep (local ranking), for passes that select
+    damp: float = 1.0  # reconstruct's relative ridge damping, for passes that rank with the refit in view
 
 
 def param(model: nn.Module, name: str) -> torch.Tensor:
