@@ -103,6 +103,8 @@ def prune(
     reconstruct: bool = False,
     damp: float = 1.0,
     refit_all: bool = False,
+    distill: bool = False,
+    precision: str = "float32",
     progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``ratio`` of ``model``'s parameters; the caller's model is never modified.
@@ -129,6 +131,11 @@ def prune(
             many steps, then merge the adapters (no extra parameters); 0 = off.
         recover_data: token windows for recovery instead of ``calib`` (10 x 128 calibration
             tokens are few: many recovery steps on them overfit).
+        distill: recovery distils from the dense model (KL to its next-token distribution)
+            instead of fitting the text; the user's model is the teacher, only read.
+        precision: forward/backward precision of the gradient importance passes: ``float32`` or
+            ``bfloat16`` (autocast; measured 2x faster Taylor on a bf16-capable CPU, 99% of the same
+            channels removed). Weights, gradients and the pruned model stay float32.
         lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
         plan: replay this plan instead of scoring and selecting.
         progress: ``True`` for stage lines and bars on stderr, a ``callable(str)`` for stage names, a
@@ -148,10 +155,16 @@ def prune(
         raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(KIND_NAMES)}")
     if aggregate not in AGGREGATES:
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
+    from .passes.importance.taylor import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
     check_options(steps=steps, prune_every=prune_every, ema=ema, recover_steps=recover_steps, lr=lr,
                   lora_rank=lora_rank)
     if iterative and plan is not None:
         raise FxpruneError("iterative pruning makes its own plan; drop plan= (--plan) or iterative")
+    if distill and not recover_steps:
+        raise FxpruneError("distill is a recovery loss: set recover_steps (--recover-steps N)")
     if (iterative or recover_steps) and not _batches(calib):
         what = "iterative pruning" if iterative else "recover_steps"
         raise FxpruneError(f"{what} fine-tunes on calibration text; pass calib=... (--calib FILE)")
@@ -210,7 +223,7 @@ def prune(
         else:
             # the passes weight each batch by its rows, so stacking leaves the gradient as it is
             req = ImportanceRequest(model, dg, groups, stack_windows(batches, IMPORTANCE_ROWS), aggregate,
-                                    seed, lora_rank, damp=damp)
+                                    seed, lora_rank, damp=damp, precision=precision)
             if importance in SELECTS:  # the counts local ranking keeps, whatever the scores
                 probe = select(dg, {g.id: np.zeros(g.units) for g in groups}, sel)
                 req.keep = {g.id: len(probe.keep.get(g.id, range(g.units))) for g in groups}
@@ -248,7 +261,7 @@ def prune(
         t = time.perf_counter()
         recover_batches = _batches(recover_data) or _batches(calib)
         recovery = recover(pruned_model, recover_batches, steps=recover_steps, lr=lr, rank=lora_rank,
-                           seed=seed, progress=say)
+                           seed=seed, teacher=model if distill else None, progress=say)
         sync_graph_module(rw.graph_module, pruned_model)
         pruned_model, notes = _check_eager(pruned_model, rw.graph_module, example_inputs, notes)
         timings["recovery_s"] = time.perf_counter() - t

@@ -19,6 +19,7 @@ from .errors import FxpruneError
 from .progress import Progress
 
 DEFAULT_MODEL = "smollm2-135m"
+PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # --precision -> prune(precision=)
 
 
 _Say = Progress  # stage lines and bars on stderr, silent with --quiet (see fxprune/progress.py)
@@ -151,7 +152,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
-        refit_all=args.refit_all,
+        refit_all=args.refit_all, distill=args.distill, precision=PRECISION_NAMES[args.precision],
         recover_data=recover_data,
     )
     report = result.report
@@ -319,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover-samples", type=int, default=0,
                     help="recovery windows taken from the text after the calibration (and --eval) windows; "
                          "0 = recover on the calibration windows")
+    pr.add_argument("--distill", action="store_true",
+                    help="recovery matches the dense model's next-token distribution (KL) instead of the text")
+    pr.add_argument("--precision", choices=sorted(PRECISION_NAMES), default="fp32",
+                    help="forward/backward precision of gradient importance (bf16: autocast, about 2x faster "
+                         "on CPUs with bf16 instructions; the pruned model stays fp32)")
     pr.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA fine-tuning")
     pr.add_argument("--reconstruct", action="store_true",
                     help="refit down_proj/o_proj... on the calibration activations (least squares, no new parameters)")

@@ -380,3 +380,24 @@ def test_lora_smollm2_no_weight_grads():
     assert all(np.isfinite(s).all() and (s > 0).all() for s in scores.values())
     assert all(p.grad is None for p in model.parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_bfloat16_taylor_ranks_like_float32(llama):
+    """bf16 autocast changes the gradients by rounding only: the per-unit scores stay close and the
+    model is left float32 with no gradient."""
+    model, dg, groups, batches = llama
+    fp32 = IMPORTANCES["taylor-element1"](ImportanceRequest(model, dg, groups, batches))
+    bf16 = IMPORTANCES["taylor-element1"](ImportanceRequest(model, dg, groups, batches, precision="bfloat16"))
+    for gid in fp32:
+        assert not np.allclose(bf16[gid], fp32[gid], rtol=1e-6, atol=0), "autocast did not run"
+        np.testing.assert_allclose(bf16[gid], fp32[gid], rtol=0.1, atol=1e-3 * np.abs(fp32[gid]).max())
+        assert np.corrcoef(bf16[gid], fp32[gid])[0, 1] > 0.98
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
+
+
+def test_unknown_precision_is_a_clear_error(llama):
+    model, dg, groups, batches = llama
+    with pytest.raises(FxpruneError, match="unknown precision 'fp8'"):
+        IMPORTANCES["taylor-element1"](ImportanceRequest(model, dg, groups, batches, precision="fp8"))
+    with pytest.raises(FxpruneError, match="unknown precision"):
+        fxprune.prune(model, {"input_ids": batches[0]}, ratio=0.2, precision="half")

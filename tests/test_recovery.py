@@ -215,3 +215,41 @@ def test_recovery_on_separate_data(pruned_pair):
     assert r["loss_before"] == pytest.approx(loss_of(plain.model, other), rel=1e-4)
     assert r["loss_after"] == pytest.approx(loss_of(rec.model, other), rel=1e-4)
     assert r["loss_after"] < r["loss_before"]
+
+
+def kl_to_teacher(student, teacher, windows):
+    """Mean per-position KL(teacher || student), computed here independently of fxprune."""
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=windows, use_cache=False).logits, -1)
+        s = torch.log_softmax(student(input_ids=windows, use_cache=False).logits, -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_distillation_recovery_moves_towards_the_dense_model():
+    model = tiny_llama()
+    with torch.no_grad():  # a random tiny model predicts near-uniformly: sharpen it, as trained ones are
+        model.lm_head.weight.mul_(20)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"))
+    rec = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=CALIB,
+                        recover_steps=30, lr=3e-3, distill=True)
+    r = rec.report["recovery"]
+    assert r["loss"] == "distill"
+    assert kl_to_teacher(rec.model, model, CALIB) < 0.8 * kl_to_teacher(plain.model, model, CALIB)
+    assert rec.plan.keep == plain.plan.keep
+    # the teacher (the user's model) is only read
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_distill_needs_recovery_steps():
+    with pytest.raises(FxpruneError, match="distill is a recovery loss"):
+        fxprune.prune(tiny_llama(), X, ratio=0.3, importance="l2", calib=CALIB, distill=True)
+
+
+def test_cli_distill_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
+    d, text = tiny_dir_with_tokenizer
+    out = tmp_path / "out"
+    assert main(["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
+                 "--calib-seqlen", "8", "--recover-steps", "3", "--distill", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "report.json").read_text())["recovery"]["loss"] == "distill"

@@ -33,17 +33,18 @@ bias refit too (a constant input feature, undamped), which subsumes FLAP's mean 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..capture import Program, call_extras
+from ..capture import Program
 from ..data import stack_windows
 from ..depgraph import DependencyGraph
 from ..errors import FxpruneError
 from ..plan import Plan
+from .importance.taylor import run_batch
 from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
 
 ONE_PASS_ROWS = 16  # windows refit in a single forward pass (bounds its activations and logits)
@@ -81,19 +82,7 @@ def refit_targets(original: nn.Module, program: Program, dg: DependencyGraph, pl
 
 
 def _forward(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, torch.Tensor):
-        if getattr(model, "config", None) is not None:
-            model(input_ids=batch, **call_extras(model))
-        else:
-            model(batch)
-    elif isinstance(batch, Mapping):
-        model(**batch, **call_extras(model))
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        x = batch[0]
-        model(**x) if isinstance(x, Mapping) else model(x)
-    else:
-        raise FxpruneError(f"reconstruction: calibration batch must be token ids, a dict or "
-                           f"(inputs, targets); got {type(batch).__name__}")
+    run_batch(model, batch)
 
 
 def _flat_input(x: torch.Tensor) -> torch.Tensor:

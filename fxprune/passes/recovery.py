@@ -18,6 +18,7 @@ the layer stack anyway.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -26,15 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..capture import WRAP
 from ..depgraph import layer_of
 from ..errors import FxpruneError
-from .importance.taylor import ModelState, _rows, calibration_loss, freeze_all_but
+from ..capture import main_outputs
+from .importance.taylor import ModelState, _rows, calibration_loss, freeze_all_but, run_batch
 
 ADAPTER = "fxprune_recover"
 AfterStep = Callable[[], None]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
@@ -100,17 +104,19 @@ def merge_lora(model: nn.Module, handle: LoraHandle) -> nn.Module:
 
 
 def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], steps: int, lr: float,
-             *, start: int = 0, after_step: AfterStep | None = None) -> list[float]:
+             *, start: int = 0, after_step: AfterStep | None = None,
+             loss_fn: LossFn = calibration_loss) -> list[float]:
     """``steps`` AdamW steps on ``params``, batch ``start + i`` (cycling) at step ``i``; the losses.
 
     Eval mode (no dropout: runs repeat). ``after_step`` runs after every optimizer step (the
-    iterative schedule re-applies its masks there).
+    iterative schedule re-applies its masks there). ``loss_fn(model, batch)``: the calibration loss,
+    or :func:`distill_loss` bound to a teacher.
     """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train(False)
     losses = []
     for i in range(steps):
-        loss = calibration_loss(model, batches[(start + i) % len(batches)])
+        loss = loss_fn(model, batches[(start + i) % len(batches)])
         if not torch.isfinite(loss):
             raise FxpruneError(f"LoRA fine-tuning diverged (loss {loss.item()} at step {i}); lower the learning rate")
         opt.zero_grad(set_to_none=True)
@@ -121,6 +127,25 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], s
         losses.append(loss.item())
     opt.zero_grad(set_to_none=True)
     return losses
+
+
+def distill_loss(student: nn.Module, batch: Any, *, teacher: nn.Module) -> torch.Tensor:
+    """Knowledge distillation from ``teacher`` (the dense model) on one batch.
+
+    Models with ``.logits``: the KL divergence from the teacher's to the student's distribution,
+    per position, averaged over positions. Other models: the mean squared error of the main outputs.
+    The teacher runs without gradients and is not modified.
+    """
+    with torch.no_grad():
+        t_out = run_batch(teacher, batch)
+    s_out = run_batch(student, batch)
+    t_logits, s_logits = getattr(t_out, "logits", None), getattr(s_out, "logits", None)
+    if t_logits is None or s_logits is None:
+        t_main, s_main = main_outputs(t_out)[0][0], main_outputs(s_out)[0][0]
+        return F.mse_loss(s_main.float(), t_main.float())
+    t_log = F.log_softmax(t_logits.float(), -1).flatten(0, -2)
+    s_log = F.log_softmax(s_logits.float(), -1).flatten(0, -2)
+    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()
@@ -147,10 +172,14 @@ def sync_graph_module(gm: fx.GraphModule, model: nn.Module) -> None:
 
 
 def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-4, rank: int = 8,
-            seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+            seed: int = 0, teacher: nn.Module | None = None,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """LoRA-fine-tune the pruned ``model`` in place, merge, and return the record.
 
-    ``model`` must be fxprune's own pruned copy (never the user's). Returns ``{"steps", "lr",
+    ``model`` must be fxprune's own pruned copy (never the user's). With ``teacher`` (the dense
+    model, only read) the loss is :func:`distill_loss` instead of the calibration loss: the pruned
+    model learns to match the dense one, not the text, so more text cannot teach it beyond the dense
+    model's own knowledge. Returns ``{"steps", "lr",
     "rank", "adapted_layers", "trainable_params", "loss_before", "loss_after", "train_loss_first",
     "train_loss_last", "seconds"}``; the losses are the mean calibration loss over ``batches``.
     """
@@ -164,8 +193,17 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     handle = attach_lora(model, linear_modules(model), rank, seed)
     trainable = sum(p.numel() for p in handle.params)
     try:
-        say(f"recovery: {steps} LoRA steps on {len(handle.modules)} layers")
-        losses = finetune(model, handle.params, batches, steps, lr)
+        say(f"recovery: {steps} LoRA steps on {len(handle.modules)} layers"
+            + (" (distillation)" if teacher is not None else ""))
+        loss_fn = calibration_loss if teacher is None else functools.partial(distill_loss, teacher=teacher)
+        teacher_state = ModelState(teacher) if teacher is not None else None
+        try:
+            if teacher is not None:
+                teacher.eval()  # as every fxprune forward; its modes are put back below
+            losses = finetune(model, handle.params, batches, steps, lr, loss_fn=loss_fn)
+        finally:
+            if teacher_state is not None:
+                teacher_state.restore()
     finally:
         merge_lora(model, handle)
         state.restore()
@@ -173,6 +211,7 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     if not math.isfinite(after):
         raise FxpruneError("recovery produced non-finite weights; lower the learning rate")
     return {"steps": steps, "lr": lr, "rank": rank, "adapted_layers": len(handle.modules),
+            "loss": "distill" if teacher is not None else "calibration",
             "trainable_params": trainable, "loss_before": before, "loss_after": after,
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
             "seconds": time.perf_counter() - t0}

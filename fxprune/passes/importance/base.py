@@ -35,6 +35,7 @@ class ImportanceRequest:
     progress: Callable[[str, int], None] | None = None
     keep: dict[str, int] | None = None  # units each group will keep (local ranking), for passes that select
     damp: float = 1.0  # reconstruct's relative ridge damping, for passes that rank with the refit in view
+    precision: str = "float32"  # of the gradient passes' forward/backward: "float32" or "bfloat16" (autocast)
 
 
 def param(model: nn.Module, name: str) -> torch.Tensor:

@@ -30,6 +30,7 @@ put back, and no gradient tensor the pass made stays allocated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping
 
@@ -103,6 +104,21 @@ def _split_samples(batch: Any) -> list[Any]:
     return [(x[i : i + 1], y[i : i + 1]) for i in range(n)]
 
 
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """The model's raw output on one calibration batch (token ids, a dict, or ``(inputs, targets)``)."""
+    if isinstance(batch, torch.Tensor):
+        if getattr(model, "config", None) is not None:
+            return model(input_ids=batch, **call_extras(model))
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch, **call_extras(model))
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x = batch[0]
+        return model(**x) if isinstance(x, Mapping) else model(x)
+    raise FxpruneError(f"calibration batch must be token ids, a dict or (inputs, targets); "
+                       f"got {type(batch).__name__}")
+
+
 def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The calibration loss of one batch (see the module docstring for the accepted forms)."""
     if isinstance(batch, torch.Tensor):
@@ -129,6 +145,20 @@ def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
                        f"got {type(batch).__name__}")
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def autocast(precision: str, model: nn.Module) -> Any:
+    """A context running the forward in ``precision``: ``bfloat16`` is torch's autocast (matmuls in
+    bf16 with fp32 accumulation; weights and their gradients stay fp32), ``float32`` does nothing."""
+    if precision not in PRECISIONS:
+        raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
 def require_batches(req: ImportanceRequest, tag: str) -> list[Any]:
     """``req.batches`` as a list, or an error naming the pass when there are none."""
     batches = list(req.batches)
@@ -150,7 +180,8 @@ def backward_passes(req: ImportanceRequest, tag: str, per_sample: bool = False) 
     for batch in batches:
         parts = _split_samples(batch) if per_sample else [batch]
         for part in parts:
-            loss = calibration_loss(req.model, part)
+            with autocast(req.precision, req.model):
+                loss = calibration_loss(req.model, part)
             weight = 1.0 if per_sample else _rows(part) / total
             (loss * weight).backward()
             del loss
