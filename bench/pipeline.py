@@ -2,18 +2,21 @@
 
 The job: remove 20% of all parameters from the MLP channels of layers 3-28, Taylor importance from
 10 x 128 calibration tokens (the start of wikitext2_valid.txt). Model loading is excluded. Each
-tool runs in its own fresh process (the script calls itself with ``--only fxprune|torch-pruning``).
+tool runs in its own fresh process (the script calls itself with ``--only TOOL``).
 
-    fxprune        stages from ``result.report["timings"]``: capture, groups, importance (gradients
-                   included), select, rewrite, verify (+ any stage a newer fxprune adds); ``call_s`` is
-                   the whole ``fxprune.prune`` call (it also builds the report: MACs before/after)
+    fxprune        float32, the same arithmetic as Torch-Pruning; stages from
+                   ``result.report["timings"]``: capture, groups, importance (gradients included),
+                   select, rewrite, verify (+ any stage a newer fxprune adds); ``call_s`` is the whole
+                   ``fxprune.prune`` call (it also builds the report: MACs before/after)
+    fxprune-bf16   the same with the gradients under bf16 autocast (``precision="bfloat16"``)
     torch-pruning  build (MetaPruner: dependency graph), gradients (10 backward passes), importance
                    (the Taylor scorer's own calls inside step), prune (the rest of step)
 
-One JSON line per tool, then {"bench": "pipeline", "method": "ratio", "ratio": fxprune/torch-pruning}
-on the pipeline total (wall), the whole call (wall) and the call's process CPU seconds (all threads;
-less sensitive to a busy machine than wall time). Target: ratio <= 0.5. ``--profile`` runs fxprune
-under cProfile and adds its top functions (cumulative seconds) to fxprune's line.
+One JSON line per tool, then per fxprune variant {"bench": "pipeline", "method": "ratio", "variant",
+"ratio": fxprune/torch-pruning} on the pipeline total (wall), the whole call (wall) and the call's
+process CPU seconds (all threads; less sensitive to a busy machine than wall time). Target: ratio
+<= 0.5. ``--profile`` runs fxprune under cProfile and adds its top functions (cumulative seconds)
+to fxprune's line.
 
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
@@ -37,6 +40,8 @@ RATIO = 0.2
 LAYERS = range(3, 29)
 FX_SETTINGS = {"importance": "taylor-element1", "targets": ("mlp",), "layers": "3:29"}
 TARGET = 0.5
+FX_VARIANTS = {"fxprune": {}, "fxprune-bf16": {"precision": "bfloat16"}}
+TOOLS = (*FX_VARIANTS, "torch-pruning")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="cProfile fxprune.prune; top items on stderr and in JSON")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--fx-extra", default="{}", help="JSON kwargs added to the fxprune.prune call")
-    ap.add_argument("--only", choices=("fxprune", "torch-pruning"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=TOOLS, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -64,7 +69,7 @@ def run_fxprune(args: argparse.Namespace) -> dict[str, Any]:
     import fxprune
 
     model, calib = _load(args)
-    kwargs = {**FX_SETTINGS, **json.loads(args.fx_extra)}
+    kwargs = {**FX_SETTINGS, **FX_VARIANTS[args.only], **json.loads(args.fx_extra)}
     profiler = cProfile.Profile() if args.profile else None
     log("fxprune: prune")
     c0, t0 = time.process_time(), time.perf_counter()
@@ -75,7 +80,7 @@ def run_fxprune(args: argparse.Namespace) -> dict[str, Any]:
         profiler.disable()
     call, cpu = time.perf_counter() - t0, time.process_time() - c0
     stages = {k: round(v, 3) for k, v in res.report["timings"].items()}
-    record = {"method": "fxprune", "stages": stages, "total_s": stages.get("total_s"), "call_s": round(call, 3),
+    record = {"method": args.only, "settings": {k: v for k, v in kwargs.items() if k not in FX_SETTINGS}, "stages": stages, "total_s": stages.get("total_s"), "call_s": round(call, 3),
               "cpu_s": round(cpu, 1), "removed": round(res.report["removed_fraction"], 4), "params": res.report["params_after"]}
     if profiler:
         record["profile_top"] = profile_top(profiler, args.profile_top)
@@ -132,7 +137,7 @@ def run_torch_pruning(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    record = run_fxprune(args) if args.only == "fxprune" else run_torch_pruning(args)
+    record = run_fxprune(args) if args.only in FX_VARIANTS else run_torch_pruning(args)
     emit({"bench": BENCH, **record, "peak_rss_mb": peak_rss_mb()})
 
 
@@ -158,10 +163,11 @@ def parent(args: argparse.Namespace) -> None:
         raise SystemExit(f"--fx-extra: not JSON ({exc}); e.g. '{{\"reconstruct\": true}}'")
     forwarded = ["--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen), "--fx-extra", args.fx_extra]
     results: dict[str, dict[str, Any]] = {}
-    for tool in ("fxprune", "torch-pruning"):
+    for tool in TOOLS:
         runs = []
         for i in range(args.repeats):
-            extra = ["--profile", "--profile-top", str(args.profile_top)] if args.profile and i == 0 else []
+            extra = (["--profile", "--profile-top", str(args.profile_top)]
+                     if args.profile and i == 0 and tool in FX_VARIANTS else [])
             log(f"--- {tool} run {i + 1}/{args.repeats}")
             runs += run_child(__file__, ["--only", tool, *forwarded, *extra])
         ok = [r for r in runs if "error" not in r]
@@ -170,13 +176,15 @@ def parent(args: argparse.Namespace) -> None:
             continue
         results[tool] = _median_record(ok)
         emit(results[tool])
-    if len(results) == 2:
-        fx, tp = results["fxprune"], results["torch-pruning"]
+    tp = results.get("torch-pruning")
+    for variant in FX_VARIANTS:
+        fx = results.get(variant)
+        if fx is None or tp is None:
+            continue
         ratio = fx["total_s"] / tp["total_s"]
-        emit({"bench": BENCH, "method": "ratio", "fxprune_s": fx["total_s"], "torch_pruning_s": tp["total_s"],
-              "ratio": round(ratio, 3), "ratio_call": round(fx["call_s"] / tp["call_s"], 3),
-              "ratio_cpu": round(fx["cpu_s"] / tp["cpu_s"], 3),
-              "target": TARGET, "met": ratio <= TARGET})
+        emit({"bench": BENCH, "method": "ratio", "variant": variant, "fxprune_s": fx["total_s"],
+              "torch_pruning_s": tp["total_s"], "ratio": round(ratio, 3), "ratio_call": round(fx["call_s"] / tp["call_s"], 3),
+              "ratio_cpu": round(fx["cpu_s"] / tp["cpu_s"], 3), "target": TARGET, "met": ratio <= TARGET})
 
 
 def main(argv: list[str] | None = None) -> None:

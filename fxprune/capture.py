@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .errors import CaptureError
 from .rules import module_path
+from .stitch import run_lifted, stitched_export
 
 WRAP = "m"  # attribute name of the user's model inside the capture wrapper
 OUTPUT_KEYS = ("logits", "last_hidden_state", "pooler_output")
@@ -125,11 +126,13 @@ def _dynamic_spec(t: Any) -> Any:
     return spec
 
 
-def capture(model: nn.Module, example_inputs: Any) -> Program:
+def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Program:
     """Export ``model`` on ``example_inputs`` into a :class:`Program` without changing the model.
 
     ``example_inputs`` is a tensor, a tuple (positional) or a dict (keyword inputs). The batch
     dim (and the sequence dim of token inputs) stays dynamic; use a batch of at least 2.
+    ``stitch``: export a uniform layer stack as two layers and copy the second one's graph for
+    the rest (:mod:`fxprune.stitch`; checked, and a full export when any check fails).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -151,10 +154,20 @@ def capture(model: nn.Module, example_inputs: Any) -> Program:
     torch.fx.config.do_not_emit_stack_traces = True  # a Python traceback per node: ~15% of export time
     try:
         with torch.no_grad():
-            ep = torch.export.export(
-                wrapper, flat, strict=False,
-                dynamic_shapes=(dynamic,),  # one entry: the wrapper's *inputs
-            )
+            ep = None
+            if stitch:
+                shallow_wrappers: list[_CaptureWrapper] = []  # a list: not a submodule of wrapper
+
+                def export_shallow(shallow: nn.Module) -> torch.export.ExportedProgram:
+                    shallow_wrappers.append(_CaptureWrapper(shallow, wrapper.extra, len(args), list(kwargs)))
+                    return _export(shallow_wrappers[-1], flat, dynamic)
+
+                ep = stitched_export(model, WRAP, export_shallow,
+                                     lambda cand: _same_output(cand, model, args, kwargs, flat))
+                if ep is not None:
+                    wrapper.output_names = shallow_wrappers[-1].output_names
+            if ep is None:
+                ep = _export(wrapper, flat, dynamic)
     except CaptureError:
         raise
     except Exception as exc:  # torch.export raises many types; give the user one clear line
@@ -165,6 +178,22 @@ def capture(model: nn.Module, example_inputs: Any) -> Program:
         for m, mode in was_training:
             m.training = mode
     return _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])
+
+
+def _export(wrapper: nn.Module, flat: tuple, dynamic: tuple) -> torch.export.ExportedProgram:
+    return torch.export.export(wrapper, flat, strict=False, dynamic_shapes=(dynamic,))  # one entry: *inputs
+
+
+def _same_output(ep: torch.export.ExportedProgram, model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                 flat: tuple) -> bool:
+    """Whether a stitched program computes what the eager model does on the example inputs."""
+    if any(p.is_meta for p in model.parameters()):
+        return True  # nothing runs on the meta device: the stitch's structural checks are all there is
+    want = main_outputs(model(*args, **kwargs, **call_extras(model)))[0]
+    got = run_lifted(ep, flat)
+    return len(got) == len(want) and all(
+        g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+        for g, w in zip(got, want))
 
 
 def _input_names(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[str]:
