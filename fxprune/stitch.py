@@ -115,6 +115,19 @@ def _op_key(node: fx.Node) -> tuple:
     return node.op, str(node.target) if node.op != "placeholder" else "", len(node.args), tuple(sorted(node.kwargs))
 
 
+def _literals(layer: list[fx.Node]) -> list[str]:
+    """Each node's non-node arguments (sizes, scalars, dims), so layers with other constants differ."""
+    def leaves(x: Any) -> str:
+        if isinstance(x, fx.Node):
+            return "%"
+        if isinstance(x, (list, tuple)):
+            return "[" + ",".join(leaves(v) for v in x) + "]"
+        if isinstance(x, dict):
+            return "{" + ",".join(f"{k}:{leaves(v)}" for k, v in sorted(x.items())) + "}"
+        return repr(x)
+    return [leaves(n.args) + leaves(n.kwargs) for n in layer]
+
+
 def stitch(ep: torch.export.ExportedProgram, full_state: dict[str, torch.Tensor], prefix: str, n_layers: int
            ) -> torch.export.ExportedProgram | None:
     """The ``ExportedProgram`` of the whole stack from that of its first two layers, or None.
@@ -154,28 +167,33 @@ def stitch(ep: torch.export.ExportedProgram, full_state: dict[str, torch.Tensor]
                 continue  # computed before the stack: the same for every layer
             return None  # computed between the layers: layer k would need its own copy
 
-    specs = list(sig.input_specs)
-    last_own = max((specs.index(kind_of[p.name]) for p in own), default=None)
-    if last_own is None:
+    if not own or _literals(l0) != _literals(l1):
         return None
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    anchor = max(own, key=lambda p: placeholders.index(p))
-    new_specs: list[InputSpec] = []
+    specs = list(sig.input_specs)
+    # new placeholders go after the last of layer 1's of the same kind (parameters, then buffers),
+    # and their specs after its spec: placeholder order and spec order stay the same
+    anchor: dict[InputKind, fx.Node] = {}
+    spec_at: dict[InputKind, int] = {}
+    for ph in own:  # ``own`` is in placeholder order
+        kind = kind_of[ph.name].kind
+        anchor[kind] = ph
+        spec_at[kind] = specs.index(kind_of[ph.name])
+    new_specs: dict[InputKind, list[InputSpec]] = {kind: [] for kind in anchor}
     prev = l1  # the previous layer's nodes, by position
     out_users = [(u, n) for n in l1 for u in list(n.users) if u not in in_l1]
     insert_at = l1[-1]
     for k in range(2, n_layers):
         env: dict[fx.Node, fx.Node] = {}
         for ph, tgt in own.items():
+            spec = kind_of[ph.name]
             new_tgt = prefix + str(k) + tgt[len(layer1) - 1:]
-            with graph.inserting_after(anchor):
+            with graph.inserting_after(anchor[spec.kind]):
                 new_ph = graph.placeholder(_mangle(new_tgt, ph.name[:2]))
             new_ph.meta = copy.copy(ph.meta)
-            anchor = new_ph
+            anchor[spec.kind] = new_ph
             env[ph] = new_ph
-            spec = kind_of[ph.name]
-            new_specs.append(InputSpec(kind=spec.kind, arg=TensorArgument(name=new_ph.name), target=new_tgt,
-                                       persistent=spec.persistent))
+            new_specs[spec.kind].append(InputSpec(kind=spec.kind, arg=TensorArgument(name=new_ph.name),
+                                                  target=new_tgt, persistent=spec.persistent))
         for j, n in enumerate(l0):
             env[n] = prev[j]
         copies = []
@@ -192,7 +210,8 @@ def stitch(ep: torch.export.ExportedProgram, full_state: dict[str, torch.Tensor]
         user.replace_input_with(n, last[n.name])
     outputs = [OutputSpec(kind=o.kind, arg=TensorArgument(name=last[o.arg.name].name), target=o.target)
                if isinstance(o.arg, TensorArgument) and o.arg.name in last else o for o in sig.output_specs]
-    specs[last_own + 1:last_own + 1] = new_specs
+    for kind in sorted(spec_at, key=spec_at.get, reverse=True):  # later position first: indices hold
+        specs[spec_at[kind] + 1:spec_at[kind] + 1] = new_specs[kind]
     graph.lint()
     gm.recompile()
     new_sig = torch.export.ExportGraphSignature(input_specs=specs, output_specs=outputs)

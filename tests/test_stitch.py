@@ -142,3 +142,47 @@ def test_meta_device_stitches_on_shapes(spy):
     dg = dependency_graph(capture(model, X))
     assert spy == [True]
     assert sum(1 for g in dg.groups if g.kind == "mlp") == 6
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.register_buffer("scale", torch.rand(8))
+
+    def forward(self, x):
+        return x + torch.relu(self.fc(x)) * self.scale
+
+
+class _Stack(torch.nn.Module):
+    """Not an HF model, but with a config naming its layer count: layers hold a buffer each."""
+
+    def __init__(self, n=5):
+        super().__init__()
+        from types import SimpleNamespace
+
+        torch.manual_seed(1)
+        self.config = SimpleNamespace(num_hidden_layers=n)
+        self.inp = torch.nn.Linear(4, 8)
+        self.layers = torch.nn.ModuleList(_Block() for _ in range(n))
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            h = layer(h)
+        return self.out(h)
+
+
+def test_layers_with_buffers_keep_placeholders_in_signature_order(spy):
+    model = _Stack()
+    x = torch.randn(2, 4)
+    fast = capture(model, x)
+    assert spy == [True]
+    full = capture(model, x, stitch=False)
+    assert sorted(fast.buffers.values()) == sorted(full.buffers.values()) == [f"layers.{i}.scale" for i in range(5)]
+    kinds = [s.kind.name for s in fast.exported.graph_signature.input_specs]
+    assert kinds == [s.kind.name for s in full.exported.graph_signature.input_specs]
+    fresh = torch.randn(6, 4)
+    torch.testing.assert_close(fast.exported.module()(fresh), model(fresh), rtol=0, atol=0)
+    assert groups_of(fast) == groups_of(full)
