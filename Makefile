@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fxprune prune smollm2-135m --ratio 0.2 --importance taylor-element1 \
-		--layers 3:29 --targets mlp --reconstruct --out $(DEMO_OUT) --force --onnx --eval
+	$(VENV)/bin/fxprune prune smollm2-135m --ratio 0.2 --importance obs --damp 3 \
+		--layers 3:29 --targets mlp --out $(DEMO_OUT) --force --onnx --eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q
