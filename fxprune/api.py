@@ -357,4 +357,5 @@ def build_report(before: nn.Module, after: nn.Module, dg: DependencyGraph, plan:
         "macs_before": m0, "macs_after": m1,
         "plan": plan.meta, "groups": groups, "layers": layers, "timings": timings,
         "pinned_reasons": pinned, "unknown_ops": dg.unknown_ops, "notes": notes,
+        "capture": "stitched" if dg.program.stitched else "full",
     }

@@ -36,6 +36,7 @@ class Program:
     params: dict[str, str] = field(default_factory=dict)  # placeholder -> parameter name
     buffers: dict[str, str] = field(default_factory=dict)  # placeholder -> buffer name
     aliases: dict[str, list[str]] = field(default_factory=dict)  # name -> all names of that tensor
+    stitched: bool = False  # built by fxprune.stitch (two layers exported, the rest copied)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -166,6 +167,7 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
                                      lambda cand: _same_output(cand, model, args, kwargs, flat))
                 if ep is not None:
                     wrapper.output_names = shallow_wrappers[-1].output_names
+            stitched = ep is not None
             if ep is None:
                 ep = _export(wrapper, flat, dynamic)
     except CaptureError:
@@ -177,7 +179,9 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
         torch.fx.config.do_not_emit_stack_traces = traces
         for m, mode in was_training:
             m.training = mode
-    return _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])
+    program = _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])
+    program.stitched = stitched
+    return program
 
 
 def _export(wrapper: nn.Module, flat: tuple, dynamic: tuple) -> torch.export.ExportedProgram:

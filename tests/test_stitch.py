@@ -99,6 +99,7 @@ def test_pruning_a_stitched_capture_matches_masking():
 
     model = deep("llama-9-3-tied")
     res = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"))
+    assert res.report["capture"] == "stitched" and res.program.stitched
     masked = masked_copy(res.program, res.dg, res.plan)
     fresh = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_layers_that_differ_are_exported_whole(spy):
     layer.down_proj = torch.nn.Linear(48, 36, bias=True)  # one layer with a bias: not a copy of layer 1
     assert stitch.find_stack(model) is None
     p = capture(model, X)
-    assert spy == []
+    assert spy == [] and not p.stitched
     assert "model.layers.3.mlp.down_proj.bias" in p.params.values()
 
 

@@ -42,6 +42,7 @@ from .base import ImportanceRequest
 
 STEPS = 64  # greedy rounds per group: units removed per round = ceil(to_remove / STEPS)
 ONE_PASS_ROWS = 16  # as reconstruct: windows measured in one forward pass
+LOOP_DTYPE = torch.float64  # of the greedy removal loop (float32: 5% faster, 98% of the same choices)
 
 
 @dataclass
@@ -139,7 +140,9 @@ def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str,
         gram = torch.cat([torch.cat([gram, sxp], 1), torch.cat([sxp.T, n], 1)], 0)
         c_mat = torch.cat([c_mat, w @ stats["sx"][:, None]], 1)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
-    a = c_mat @ hinv
+    # the greedy's downdates run in LOOP_DTYPE (the final refit is solved again by the reconstruct pass)
+    a = (c_mat @ hinv).to(LOOP_DTYPE)
+    hinv = hinv.to(LOOP_DTYPE)
 
     cols = [np.nonzero(c.unit_of == u)[0] for u in range(g.units)]
     width = {len(cs) for cs in cols}
@@ -150,7 +153,7 @@ def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str,
     size = g.units // blocks
     # ridge pulls the kept columns towards W; a removed column leaves that term, so its cost is the
     # augmented system's OBS cost less lam * ||W_u||^2 (else damping would rank by weight norm)
-    prior = lam * (w[:, per_unit] ** 2).sum((0, 2))
+    prior = lam * (w[:, per_unit] ** 2).sum((0, 2)).to(LOOP_DTYPE)
     quota = [size - (c.keep // blocks)] * blocks  # units to remove from each (GQA) block
     alive = np.ones(g.units, dtype=bool)
     scores = np.zeros(g.units)
@@ -166,8 +169,8 @@ def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str,
                 quota[b] -= 1
         r = per_unit[pick].reshape(-1)
         m = torch.linalg.solve(hinv[r][:, r], hinv[r, :])
-        a = a - a[:, r] @ m
-        hinv = hinv - hinv[:, r] @ m
+        a.addmm_(a[:, r], m, alpha=-1.0)  # in place: the indexed factors are copies
+        hinv.addmm_(hinv[:, r], m, alpha=-1.0)
         a[:, r] = 0.0
         hinv[r, :] = 0.0
         hinv[:, r] = 0.0
