@@ -95,7 +95,7 @@ def _keep_top(g: Group, scores: np.ndarray, n_keep: int) -> list[int]:
             kept.extend(b * g.block + int(i) for i in np.argsort(-s, kind="stable")[:per])
         return sorted(kept)
     n_keep = max(1, min(g.units, n_keep))
-    return sorted(int(i) for i in np.argsort(-scores, kind="stable")[:n_keep])
+    return np.sort(np.argsort(-scores, kind="stable")[:n_keep]).tolist()
 
 
 def _plan_local(groups: list[Group], scores: dict[str, np.ndarray], frac: float, sel: Selection) -> Plan:
