@@ -104,6 +104,7 @@ def prune(
     damp: float = 1.0,
     refit_all: bool = False,
     distill: bool = False,
+    recover_schedule: str = "constant",
     precision: str = "float32",
     progress: Progress | None = None,
 ) -> PruneResult:
@@ -136,6 +137,8 @@ def prune(
         precision: forward/backward precision of the gradient importance passes: ``float32`` or
             ``bfloat16`` (autocast; measured 2x faster Taylor on a bf16-capable CPU, 99% of the same
             channels removed). Weights, gradients and the pruned model stay float32.
+        recover_schedule: recovery's learning rate: ``constant``, or ``cosine`` decay to 0 over
+            ``recover_steps``.
         lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
         plan: replay this plan instead of scoring and selecting.
         progress: ``True`` for stage lines and bars on stderr, a ``callable(str)`` for stage names, a
@@ -163,6 +166,10 @@ def prune(
                   lora_rank=lora_rank)
     if iterative and plan is not None:
         raise FxpruneError("iterative pruning makes its own plan; drop plan= (--plan) or iterative")
+    from .passes.recovery import LR_SCHEDULES
+
+    if recover_schedule not in LR_SCHEDULES:
+        raise FxpruneError(f"unknown recovery schedule '{recover_schedule}'; choose {' or '.join(LR_SCHEDULES)}")
     if distill and not recover_steps:
         raise FxpruneError("distill is a recovery loss: set recover_steps (--recover-steps N)")
     if (iterative or recover_steps) and not _batches(calib):
@@ -261,7 +268,8 @@ def prune(
         t = time.perf_counter()
         recover_batches = _batches(recover_data) or _batches(calib)
         recovery = recover(pruned_model, recover_batches, steps=recover_steps, lr=lr, rank=lora_rank,
-                           seed=seed, teacher=model if distill else None, progress=say)
+                           seed=seed, teacher=model if distill else None, schedule=recover_schedule,
+                           progress=say)
         sync_graph_module(rw.graph_module, pruned_model)
         pruned_model, notes = _check_eager(pruned_model, rw.graph_module, example_inputs, notes)
         timings["recovery_s"] = time.perf_counter() - t

@@ -152,7 +152,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
-        refit_all=args.refit_all, distill=args.distill, precision=PRECISION_NAMES[args.precision],
+        refit_all=args.refit_all, distill=args.distill, recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
         recover_data=recover_data,
     )
     report = result.report
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover-samples", type=int, default=0,
                     help="recovery windows taken from the text after the calibration (and --eval) windows; "
                          "0 = recover on the calibration windows")
+    pr.add_argument("--recover-schedule", choices=("constant", "cosine"), default="constant",
+                    help="learning rate of the recovery steps: constant, or cosine decay to 0")
     pr.add_argument("--distill", action="store_true",
                     help="recovery matches the dense model's next-token distribution (KL) instead of the text")
     pr.add_argument("--precision", choices=sorted(PRECISION_NAMES), default="fp32",

@@ -1,6 +1,7 @@
 """Recovery (LLM-Pruner's LoRA fine-tuning, merged) and the CLI flags of the schedules."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -253,3 +254,35 @@ def test_cli_distill_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
     assert main(["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
                  "--calib-seqlen", "8", "--recover-steps", "3", "--distill", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "report.json").read_text())["recovery"]["loss"] == "distill"
+
+
+def test_cosine_recovery_schedule_decays_the_learning_rate(monkeypatch):
+    from fxprune.passes import recovery as rec_mod
+
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spying_step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spying_step)
+    model = tiny_llama()
+    res = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=CALIB,
+                        recover_steps=4, lr=1e-2, recover_schedule="cosine")
+    assert res.report["recovery"]["schedule"] == "cosine"
+    assert seen == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)])
+    assert res.report["recovery"]["loss_after"] < res.report["recovery"]["loss_before"]
+    with pytest.raises(FxpruneError, match="unknown recovery schedule 'linear'"):
+        fxprune.prune(model, X, ratio=0.3, importance="l2", calib=CALIB, recover_steps=2, recover_schedule="linear")
+    with pytest.raises(FxpruneError, match="unknown learning-rate schedule"):
+        rec_mod.finetune(model, [], [CALIB[:1]], 1, 1e-3, schedule="step")
+
+
+def test_cli_recover_schedule_flag(tiny_dir_with_tokenizer, tmp_path):
+    d, text = tiny_dir_with_tokenizer
+    out = tmp_path / "out"
+    assert main(["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
+                 "--calib-seqlen", "8", "--recover-steps", "2", "--recover-schedule", "cosine",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "report.json").read_text())["recovery"]["schedule"] == "cosine"

@@ -103,16 +103,24 @@ def merge_lora(model: nn.Module, handle: LoraHandle) -> nn.Module:
     return merged
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], steps: int, lr: float,
              *, start: int = 0, after_step: AfterStep | None = None,
-             loss_fn: LossFn = calibration_loss) -> list[float]:
+             loss_fn: LossFn = calibration_loss, schedule: str = "constant") -> list[float]:
     """``steps`` AdamW steps on ``params``, batch ``start + i`` (cycling) at step ``i``; the losses.
 
     Eval mode (no dropout: runs repeat). ``after_step`` runs after every optimizer step (the
     iterative schedule re-applies its masks there). ``loss_fn(model, batch)``: the calibration loss,
-    or :func:`distill_loss` bound to a teacher.
+    or :func:`distill_loss` bound to a teacher. ``schedule``: ``constant`` learning rate, or
+    ``cosine`` decay from ``lr`` to 0 over the steps.
     """
+    if schedule not in LR_SCHEDULES:
+        raise FxpruneError(f"unknown learning-rate schedule '{schedule}'; choose {' or '.join(LR_SCHEDULES)}")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if schedule == "cosine":
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
     model.train(False)
     losses = []
     for i in range(steps):
@@ -122,6 +130,8 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if schedule == "cosine":
+            decay.step()
         if after_step is not None:
             after_step()
         losses.append(loss.item())
@@ -172,7 +182,7 @@ def sync_graph_module(gm: fx.GraphModule, model: nn.Module) -> None:
 
 
 def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-4, rank: int = 8,
-            seed: int = 0, teacher: nn.Module | None = None,
+            seed: int = 0, teacher: nn.Module | None = None, schedule: str = "constant",
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """LoRA-fine-tune the pruned ``model`` in place, merge, and return the record.
 
@@ -200,7 +210,7 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
         try:
             if teacher is not None:
                 teacher.eval()  # as every fxprune forward; its modes are put back below
-            losses = finetune(model, handle.params, batches, steps, lr, loss_fn=loss_fn)
+            losses = finetune(model, handle.params, batches, steps, lr, loss_fn=loss_fn, schedule=schedule)
         finally:
             if teacher_state is not None:
                 teacher_state.restore()
@@ -210,7 +220,7 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     after = mean_loss(model, batches)
     if not math.isfinite(after):
         raise FxpruneError("recovery produced non-finite weights; lower the learning rate")
-    return {"steps": steps, "lr": lr, "rank": rank, "adapted_layers": len(handle.modules),
+    return {"steps": steps, "lr": lr, "schedule": schedule, "rank": rank, "adapted_layers": len(handle.modules),
             "loss": "distill" if teacher is not None else "calibration",
             "trainable_params": trainable, "loss_before": before, "loss_after": after,
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
