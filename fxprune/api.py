@@ -234,7 +234,7 @@ def prune(
             if importance in SELECTS:  # the counts local ranking keeps, whatever the scores
                 probe = select(dg, {g.id: np.zeros(g.units) for g in groups}, sel)
                 req.keep = {g.id: len(probe.keep.get(g.id, range(g.units))) for g in groups}
-            with _importance_bar(say, importance, req.batches) as req.progress:
+            with _importance_bar(say, importance, req.batches, len(groups)) as req.progress:
                 scores = importance_fn(req)
             timings["importance_s"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -297,11 +297,17 @@ def _nothing_to_prune(dg: DependencyGraph, sel: Selection) -> str:
 
 
 @contextmanager
-def _importance_bar(say: Any, importance: str, batches: list[Any]) -> Iterator[Callable[[str, int], None] | None]:
-    """A bar over the backward passes of a gradient importance (a stage line for the others)."""
+def _importance_bar(say: Any, importance: str, batches: list[Any], n_groups: int
+                    ) -> Iterator[Callable[[str, int], None] | None]:
+    """A bar over the backward passes of a gradient importance, over the groups of a selecting one
+    (obs steps once per group), a stage line for the others."""
     if importance not in NEEDS_DATA:
         say(f"importance ({importance})")
         yield None
+        return
+    if importance in SELECTS:
+        with say.bar(f"importance ({importance})", total=n_groups, unit="group") as bar:
+            yield lambda tag, step: bar.to(step, n_groups)
         return
     rows = sum(int(b.shape[0]) if hasattr(b, "shape") else 1 for b in batches)
     with say.bar(f"importance ({importance})", total=len(batches), unit="batch") as bar:

@@ -228,7 +228,7 @@ def stitch(ep: torch.export.ExportedProgram, full_state: dict[str, torch.Tensor]
             state[s.target] = full_state[s.target]
     return torch.export.ExportedProgram(
         root=gm, graph=graph, graph_signature=new_sig, state_dict=state,
-        range_constraints=dict(ep.range_constraints), module_call_graph=copy.deepcopy(ep.module_call_graph),
+        range_constraints=dict(ep.range_constraints), module_call_graph=list(ep.module_call_graph),
         example_inputs=ep.example_inputs, constants=constants, verifiers=[ep.verifier],
     )
 
