@@ -23,7 +23,8 @@ from .data import stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
-from .passes.recovery import recover, sync_graph_module
+from .passes.importance.taylor import check_precision
+from .passes.recovery import check_schedule, recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
 from .passes.select import Selection, parse_layers, select
@@ -158,18 +159,12 @@ def prune(
         raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(KIND_NAMES)}")
     if aggregate not in AGGREGATES:
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
-    from .passes.importance.taylor import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
+    check_precision(precision)
+    check_schedule(recover_schedule)
     check_options(steps=steps, prune_every=prune_every, ema=ema, recover_steps=recover_steps, lr=lr,
                   lora_rank=lora_rank)
     if iterative and plan is not None:
         raise FxpruneError("iterative pruning makes its own plan; drop plan= (--plan) or iterative")
-    from .passes.recovery import LR_SCHEDULES
-
-    if recover_schedule not in LR_SCHEDULES:
-        raise FxpruneError(f"unknown recovery schedule '{recover_schedule}'; choose {' or '.join(LR_SCHEDULES)}")
     if distill and not recover_steps:
         raise FxpruneError("distill is a recovery loss: set recover_steps (--recover-steps N)")
     if (iterative or recover_steps) and not _batches(calib):

@@ -273,7 +273,7 @@ def test_cosine_recovery_schedule_decays_the_learning_rate(monkeypatch):
     assert res.report["recovery"]["schedule"] == "cosine"
     assert seen == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)])
     assert res.report["recovery"]["loss_after"] < res.report["recovery"]["loss_before"]
-    with pytest.raises(FxpruneError, match="unknown recovery schedule 'linear'"):
+    with pytest.raises(FxpruneError, match="unknown learning-rate schedule 'linear'"):
         fxprune.prune(model, X, ratio=0.3, importance="l2", calib=CALIB, recover_steps=2, recover_schedule="linear")
     with pytest.raises(FxpruneError, match="unknown learning-rate schedule"):
         rec_mod.finetune(model, [], [CALIB[:1]], 1, 1e-3, schedule="step")

@@ -106,6 +106,12 @@ def merge_lora(model: nn.Module, handle: LoraHandle) -> nn.Module:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_schedule(schedule: str) -> None:
+    """A clear error for a learning-rate schedule fine-tuning does not offer."""
+    if schedule not in LR_SCHEDULES:
+        raise FxpruneError(f"unknown learning-rate schedule '{schedule}'; choose {' or '.join(LR_SCHEDULES)}")
+
+
 def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], steps: int, lr: float,
              *, start: int = 0, after_step: AfterStep | None = None,
              loss_fn: LossFn = calibration_loss, schedule: str = "constant") -> list[float]:
@@ -116,8 +122,7 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], s
     or :func:`distill_loss` bound to a teacher. ``schedule``: ``constant`` learning rate, or
     ``cosine`` decay from ``lr`` to 0 over the steps.
     """
-    if schedule not in LR_SCHEDULES:
-        raise FxpruneError(f"unknown learning-rate schedule '{schedule}'; choose {' or '.join(LR_SCHEDULES)}")
+    check_schedule(schedule)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if schedule == "cosine":
         decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))

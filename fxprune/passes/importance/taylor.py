@@ -148,11 +148,16 @@ def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 PRECISIONS = ("float32", "bfloat16")
 
 
+def check_precision(precision: str) -> None:
+    """A clear error for a precision the gradient passes do not offer."""
+    if precision not in PRECISIONS:
+        raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
+
+
 def autocast(precision: str, model: nn.Module) -> Any:
     """A context running the forward in ``precision``: ``bfloat16`` is torch's autocast (matmuls in
     bf16 with fp32 accumulation; weights and their gradients stay fp32), ``float32`` does nothing."""
-    if precision not in PRECISIONS:
-        raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision == "float32":
         return contextlib.nullcontext()
     device = next((p.device.type for p in model.parameters()), "cpu")
