@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..capture import WRAP
+from ..capture import WRAP, main_outputs
 from ..depgraph import layer_of
 from ..errors import FxpruneError
-from ..capture import main_outputs
 from .importance.taylor import ModelState, _rows, calibration_loss, freeze_all_but, run_batch
 
 ADAPTER = "fxprune_recover"
@@ -124,8 +123,8 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], s
     """
     check_schedule(schedule)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if schedule == "cosine":
-        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+    factor = (lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps))) if schedule == "cosine" else (lambda i: 1.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train(False)
     losses = []
     for i in range(steps):
@@ -135,8 +134,7 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if schedule == "cosine":
-            decay.step()
+        decay.step()
         if after_step is not None:
             after_step()
         losses.append(loss.item())
