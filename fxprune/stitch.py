@@ -112,12 +112,9 @@ def _layer_of(node: fx.Node, prefix: str) -> int | None:
     return None
 
 
-def _op_key(node: fx.Node) -> tuple:
-    return node.op, str(node.target) if node.op != "placeholder" else "", len(node.args), tuple(sorted(node.kwargs))
-
-
-def _literals(layer: list[fx.Node]) -> list[str]:
-    """Each node's non-node arguments (sizes, scalars, dims), so layers with other constants differ."""
+def _node_key(node: fx.Node) -> str:
+    """A node's op, target and non-node arguments (sizes, scalars, dims): two layers whose nodes
+    have equal keys, in order, compute the same thing from their inputs."""
     def leaves(x: Any) -> str:
         if isinstance(x, fx.Node):
             return "%"
@@ -126,7 +123,7 @@ def _literals(layer: list[fx.Node]) -> list[str]:
         if isinstance(x, dict):
             return "{" + ",".join(f"{k}:{leaves(v)}" for k, v in sorted(x.items())) + "}"
         return repr(x)
-    return [leaves(n.args) + leaves(n.kwargs) for n in layer]
+    return f"{node.op} {node.target} {leaves(node.args)} {leaves(node.kwargs)}"
 
 
 def stitch(ep: torch.export.ExportedProgram, full_state: dict[str, torch.Tensor], prefix: str, n_layers: int
@@ -149,26 +146,24 @@ def stitch(ep: torch.export.ExportedProgram, full_state: dict[str, torch.Tensor]
                     return None
                 by_layer[i].append(node)
     l0, l1 = by_layer[0], by_layer[1]
-    if not l1 or [_op_key(n) for n in l0] != [_op_key(n) for n in l1]:
+    if not l1 or [_node_key(n) for n in l0] != [_node_key(n) for n in l1]:
         return None
-    pos0 = {n: j for j, n in enumerate(l0)}
+    in_l0, in_l1 = set(l0), set(l1)
     order = {n: i for i, n in enumerate(nodes)}
-    in_l1 = set(l1)
-    target_of = {s.arg.name: s.target for s in sig.input_specs if isinstance(s.arg, TensorArgument)}
     kind_of = {s.arg.name: s for s in sig.input_specs if isinstance(s.arg, TensorArgument)}
     layer1 = prefix + "1."
     # layer 1's own inputs: its parameters/buffers (placeholders) -- copied per layer
-    own = {n: target_of[n.name] for n in nodes
-           if n.op == "placeholder" and str(target_of.get(n.name, "")).startswith(layer1)}
+    own = {n: str(kind_of[n.name].target) for n in nodes
+           if n.op == "placeholder" and n.name in kind_of and str(kind_of[n.name].target).startswith(layer1)}
     for n in l1:  # anything else layer 1 reads must be layer 0's output or shared (masks, rope, sizes)
         for a in n.all_input_nodes:
-            if a in in_l1 or a in own or a in pos0:
+            if a in in_l1 or a in own or a in in_l0:
                 continue
             if a.op == "placeholder" or order[a] < order[l0[0]]:
                 continue  # computed before the stack: the same for every layer
             return None  # computed between the layers: layer k would need its own copy
 
-    if not own or _literals(l0) != _literals(l1):
+    if not own:
         return None
     specs = list(sig.input_specs)
     # new placeholders go after the last of layer 1's of the same kind (parameters, then buffers),

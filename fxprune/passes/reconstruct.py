@@ -81,10 +81,6 @@ def refit_targets(original: nn.Module, program: Program, dg: DependencyGraph, pl
     return out
 
 
-def _forward(model: nn.Module, batch: Any) -> None:
-    run_batch(model, batch)
-
-
 def _flat_input(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).double()
 
@@ -208,7 +204,7 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
     handles = [pruned.get_submodule(t.path).register_forward_pre_hook(hook_for(t)) for t in targets]
     try:
         with torch.no_grad():
-            _forward(pruned, batch)
+            run_batch(pruned, batch)
     finally:
         for h in handles:
             h.remove()
@@ -230,7 +226,7 @@ def _dense_inputs(original: nn.Module, targets: list[_Target], batches: list[Any
     try:
         with torch.no_grad():
             for batch in batches:
-                _forward(original, batch)
+                run_batch(original, batch)
     finally:
         for h in handles:
             h.remove()
@@ -252,7 +248,7 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
         with torch.no_grad():
             for batch, x in zip(batches, dense):
                 try:
-                    _forward(pruned, batch)
+                    run_batch(pruned, batch)
                 except _Stop:
                     pass
                 xp, x = seen.pop(), x.double()

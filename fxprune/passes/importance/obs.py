@@ -39,6 +39,7 @@ from ...data import stack_windows
 from ...depgraph import Group
 from ...errors import FxpruneError
 from .base import ImportanceRequest
+from .taylor import run_batch
 
 STEPS = 64  # greedy rounds per group: units removed per round = ceil(to_remove / STEPS)
 ONE_PASS_ROWS = 16  # as reconstruct: windows measured in one forward pass
@@ -56,7 +57,7 @@ class _Consumer:
 
 def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     """Greedy OBS removal order per group, sequential over layers (see the module docstring)."""
-    from ..reconstruct import _collect, _dense_inputs, _flat_input, _forward, _Target  # no import cycle
+    from ..reconstruct import _collect, _dense_inputs, _flat_input, _Target  # no import cycle
 
     if req.keep is None:
         raise FxpruneError("importance 'obs' ranks within each group: use local ranking (--mode local)")
@@ -89,7 +90,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     handles = [work.get_submodule(c.path).register_forward_pre_hook(hook_for(c)) for c in consumers]
     try:
         with torch.no_grad():
-            _forward(work, batches[0])
+            run_batch(work, batches[0])
     finally:
         for h in handles:
             h.remove()
