@@ -226,3 +226,21 @@ def test_external_data_when_large(tmp_path, monkeypatch):
     rep = export_onnx(model, path, example("mlp"))
     assert rep["external_data"] is False and not data.exists()
     np.testing.assert_allclose(ort_out(path, x), torch_out(model, x), atol=1e-4)
+
+
+def test_optimize_levels(tmp_path):
+    """light folds and cleans (far fewer nodes than none, a few more than full); all three agree
+    with torch in onnxruntime; an unknown level is a clear error."""
+    nodes = {}
+    for level in ("none", "light", "full"):
+        path = tmp_path / f"{level}.onnx"
+        rep = export_onnx(tiny("llama"), path, example("llama"), optimize=level)
+        assert rep["max_abs_diff"] is not None and rep["max_abs_diff"] < 1e-4
+        nodes[level] = len(onnx.load(str(path)).graph.node)
+    assert nodes["light"] < 0.7 * nodes["none"], nodes
+    assert nodes["full"] <= nodes["light"] <= 1.2 * nodes["full"], nodes
+    assert onnx_exp._optimize_level(None, 20) == "light" and onnx_exp._optimize_level(None, 23) == "none"
+    assert onnx_exp._optimize_level(True, 20) == "full" and onnx_exp._optimize_level(False, 20) == "none"
+    with pytest.raises(FxpruneError, match="unknown optimize level 'fast'"):
+        export_onnx(tiny("mlp"), tmp_path / "x.onnx", example("mlp"), optimize="fast")
+    assert not (tmp_path / "x.onnx").exists()
