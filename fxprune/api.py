@@ -24,7 +24,7 @@ from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
 from .passes.importance.taylor import check_precision
-from .passes.recovery import check_schedule, recover, sync_graph_module
+from .passes.recovery import check_distill, check_schedule, recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
 from .passes.select import Selection, parse_layers, select
@@ -104,7 +104,7 @@ def prune(
     reconstruct: bool = False,
     damp: float = 1.0,
     refit_all: bool = False,
-    distill: bool = False,
+    distill: float = 0.0,
     recover_schedule: str = "constant",
     precision: str = "float32",
     progress: Progress | None = None,
@@ -133,8 +133,10 @@ def prune(
             many steps, then merge the adapters (no extra parameters); 0 = off.
         recover_data: token windows for recovery instead of ``calib`` (10 x 128 calibration
             tokens are few: many recovery steps on them overfit).
-        distill: recovery distils from the dense model (KL to its next-token distribution)
-            instead of fitting the text; the user's model is the teacher, only read.
+        distill: weight of the dense model in the recovery loss, 0..1: the loss is
+            ``distill * KL(dense || pruned) + (1 - distill) * cross-entropy on the text`` per token
+            (``True`` = 1: the dense model only). The user's model is the teacher, only read.
+            Measured best on SmolLM2 at 20%: 0.5 (overfits 10 calibration windows less than text only).
         precision: forward/backward precision of the gradient importance passes: ``float32`` or
             ``bfloat16`` (autocast; measured 2x faster Taylor on a bf16-capable CPU, 99% of the same
             channels removed). Weights, gradients and the pruned model stay float32.
@@ -165,6 +167,7 @@ def prune(
                   lora_rank=lora_rank)
     if iterative and plan is not None:
         raise FxpruneError("iterative pruning makes its own plan; drop plan= (--plan) or iterative")
+    distill = check_distill(distill)
     if distill and not recover_steps:
         raise FxpruneError("distill is a recovery loss: set recover_steps (--recover-steps N)")
     if (iterative or recover_steps) and not _batches(calib):
@@ -263,7 +266,7 @@ def prune(
         t = time.perf_counter()
         recover_batches = _batches(recover_data) or _batches(calib)
         recovery = recover(pruned_model, recover_batches, steps=recover_steps, lr=lr, rank=lora_rank,
-                           seed=seed, teacher=model if distill else None, schedule=recover_schedule,
+                           seed=seed, teacher=model if distill else None, distill=distill, schedule=recover_schedule,
                            progress=say)
         sync_graph_module(rw.graph_module, pruned_model)
         pruned_model, notes = _check_eager(pruned_model, rw.graph_module, example_inputs, notes)

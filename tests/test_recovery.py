@@ -243,6 +243,32 @@ def test_distillation_recovery_moves_towards_the_dense_model():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_mixed_distill_loss_is_the_weighted_sum():
+    """weight * KL(teacher || student) + (1 - weight) * next-token cross-entropy, from one student pass."""
+    from fxprune.passes.recovery import distill_loss
+
+    teacher, student = tiny_llama(), tiny_llama()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = CALIB[:2]
+    with torch.no_grad():
+        ce = float(student(input_ids=batch, labels=batch, use_cache=False).loss)
+        kl = kl_to_teacher(student, teacher, batch)
+        for w in (0.0, 0.25, 1.0):
+            got = float(distill_loss(student, batch, teacher=teacher, weight=w))
+            assert got == pytest.approx(w * kl + (1 - w) * ce, rel=1e-5), w
+    assert kl > 0 and ce > 0
+
+
+def test_partial_distill_recovery_and_bad_weight():
+    model = tiny_llama()
+    rec = fxprune.prune(model, X, ratio=0.3, importance="l2", calib=CALIB, recover_steps=3, distill=0.5)
+    assert rec.report["recovery"]["loss"] == "distill 0.5 + calibration 0.5"
+    with pytest.raises(FxpruneError, match="distill weight must be between 0"):
+        fxprune.prune(model, X, ratio=0.3, importance="l2", calib=CALIB, recover_steps=3, distill=1.5)
+
+
 def test_distill_needs_recovery_steps():
     with pytest.raises(FxpruneError, match="distill is a recovery loss"):
         fxprune.prune(tiny_llama(), X, ratio=0.3, importance="l2", calib=CALIB, distill=True)
@@ -254,6 +280,15 @@ def test_cli_distill_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
     assert main(["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
                  "--calib-seqlen", "8", "--recover-steps", "3", "--distill", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "report.json").read_text())["recovery"]["loss"] == "distill"
+    common = ["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
+              "--calib-seqlen", "8", "--recover-steps", "2", "--quiet"]
+    assert main([*common, "--distill", "0.5", "--out", str(tmp_path / "half")]) == 0
+    assert json.loads((tmp_path / "half" / "report.json").read_text())["recovery"]["loss"] == \
+        "distill 0.5 + calibration 0.5"
+    capsys.readouterr()
+    assert main([*common, "--distill", "2", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fxprune: error: distill weight must be between 0") and not (tmp_path / "bad").exists()
 
 
 def test_cosine_recovery_schedule_decays_the_learning_rate(monkeypatch):

@@ -119,30 +119,37 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
                        f"got {type(batch).__name__}")
 
 
-def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The calibration loss of one batch (see the module docstring for the accepted forms)."""
+def calibration_output(model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
+    """The model's raw output on one batch and its calibration loss, from one forward pass (see the
+    module docstring for the accepted forms)."""
     if isinstance(batch, torch.Tensor):
         out = model(input_ids=batch, labels=batch, **call_extras(model))
         loss = getattr(out, "loss", None)
         if loss is None:
             raise FxpruneError("gradient importance on token ids needs a causal LM that returns .loss "
                                "when given labels; pass (inputs, targets) batches for other models")
-        return loss
+        return out, loss
     if isinstance(batch, Mapping):
         kwargs = dict(batch)
         if "input_ids" in kwargs:
             kwargs.setdefault("labels", kwargs["input_ids"])
-        loss = getattr(model(**kwargs, **call_extras(model)), "loss", None)
+        out = model(**kwargs, **call_extras(model))
+        loss = getattr(out, "loss", None)
         if loss is None:
             raise FxpruneError("gradient importance: the model returned no .loss for a dict batch")
-        return loss
+        return out, loss
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         x, y = batch
         out = model(**x) if isinstance(x, Mapping) else model(x)
         pred = main_outputs(out)[0][0]
-        return F.mse_loss(pred.float(), y.float().reshape(pred.shape))
+        return out, F.mse_loss(pred.float(), y.float().reshape(pred.shape))
     raise FxpruneError(f"calibration batch must be token ids, a dict or (inputs, targets); "
                        f"got {type(batch).__name__}")
+
+
+def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The calibration loss of one batch (see the module docstring for the accepted forms)."""
+    return calibration_output(model, batch)[1]
 
 
 PRECISIONS = ("float32", "bfloat16")
