@@ -213,9 +213,10 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
 
     ``model`` must be fxprune's own pruned copy (never the user's). With ``teacher`` (the dense
     model, only read) the loss is :func:`distill_loss` with weight ``distill`` instead of the
-    calibration loss: at 1 the pruned model learns to match the dense one only, not the text. Returns ``{"steps", "lr",
-    "rank", "adapted_layers", "trainable_params", "loss_before", "loss_after", "train_loss_first",
-    "train_loss_last", "seconds"}``; the losses are the mean calibration loss over ``batches``.
+    calibration loss: at 1 the pruned model learns to match the dense one only, not the text.
+    Returns ``{"steps", "lr", "schedule", "rank", "adapted_layers", "loss", "trainable_params",
+    "loss_before", "loss_after", "train_loss_first", "train_loss_last", "seconds"}``; the losses
+    are the mean calibration loss over ``batches``.
     """
     if isinstance(model, fx.GraphModule):
         raise FxpruneError("recovery needs the pruned eager module, but only its graph module runs; "
