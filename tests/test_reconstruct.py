@@ -134,10 +134,52 @@ def test_one_pass_and_layer_by_layer_refits_agree(monkeypatch):
     windows = [calib[i : i + 1] for i in range(6)]
     one = apply_plan(program, dg, plan)
     rep_one = reconstruct(model, one.model, program, dg, plan, windows)
-    monkeypatch.setattr(rc, "ONE_PASS_ROWS", 2)  # 3 batches: the pruned model runs once per layer
+    monkeypatch.setattr(rc, "one_pass_rows", lambda *a: 2)  # 3 batches: the pruned model runs once per layer
     many = apply_plan(program, dg, plan)
     rep_many = reconstruct(model, many.model, program, dg, plan, windows)
     assert rep_one["layers"] == rep_many["layers"] == 4
     for (name, a), (_, b) in zip(one.model.named_parameters(), many.model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
     assert rep_one["rel_error_after"] == pytest.approx(rep_many["rel_error_after"], rel=1e-6)
+
+
+def test_one_pass_rows_follow_the_memory_budget(monkeypatch):
+    import fxprune.passes.reconstruct as rc
+
+    model = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 4))
+    ids = [torch.zeros(1, 16, dtype=torch.long)]
+    per_row = 16 * (32 + 8) * 4  # tokens x summed input widths x float32
+    monkeypatch.setattr(rc, "ONE_PASS_BYTES", 10 * per_row + 1)
+    assert rc.one_pass_rows(model, [("1", 1), ("0", 1)], ids) == 10
+    monkeypatch.setattr(rc, "ONE_PASS_BYTES", per_row // 2)
+    assert rc.one_pass_rows(model, [("1", 1), ("0", 1)], ids) == 1  # always at least one window
+    assert rc.one_pass_rows(model, [("1", 1)], [(torch.zeros(3, 8), torch.zeros(3, 4))]) == 1  # not token ids
+
+
+@pytest.mark.parametrize("rows", [None, 2])  # one pass over all windows; or 3 batches, layer by layer
+def test_forwards_stop_after_the_last_refit_layer(monkeypatch, rows):
+    """Nothing after the last refit layer runs: an LM head's logits are the pass's largest tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fxprune.passes.reconstruct as rc
+
+    if rows:
+        monkeypatch.setattr(rc, "one_pass_rows", lambda *a: rows)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
+    program = fxprune.capture(model, {"input_ids": calib[:2]})
+    dg = fxprune.dependency_graph(program)
+    plan = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=("mlp",)).plan
+    pruned = apply_plan(program, dg, plan)
+    before = [m.mlp.down_proj.weight.detach().clone() for m in pruned.model.model.layers]
+    heads: list[int] = []
+    hooks = [m.lm_head.register_forward_hook(lambda *_: heads.append(1)) for m in (model, pruned.model)]
+    rep = reconstruct(model, pruned.model, program, dg, plan, [calib[i : i + 1] for i in range(6)])
+    for h in hooks:
+        h.remove()
+    assert heads == []
+    assert rep["layers"] == 2
+    assert all(not torch.equal(b, m.mlp.down_proj.weight) for b, m in zip(before, pruned.model.model.layers))

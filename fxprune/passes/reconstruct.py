@@ -20,9 +20,12 @@ refit, as SparseGPT does. The target is still the dense model's output, so the r
 the drift of earlier layers: with inputs ``X'`` (pruned model) and ``X`` (dense model), the solution
 is ``A = (W X^T X'_K)(X'_K^T X'_K)^-1``, which needs ``X'_K^T X`` across the two models. Both models
 are run on the same batches: the dense one once, keeping every refit layer's input (float32, so
-``tokens x width x 4`` bytes per layer). Up to ``ONE_PASS_ROWS`` windows, the pruned model runs once
-on all of them, and each layer's forward pre-hook refits it just before it runs, so every layer sees
-its refit predecessors; with more windows, the pruned model runs once per refit layer, stopped there.
+``tokens x width x 4`` bytes per layer). When those inputs fit in ``ONE_PASS_BYTES`` (SmolLM2's 26
+``down_proj``: 51 windows of 128 tokens), all windows go through the pruned model as one batch, and
+each layer's forward pre-hook refits it just before it runs, so every layer sees its refit
+predecessors; with more windows, the pruned model runs once per refit layer, stopped there. Every
+forward stops once the last refit layer has its input: nothing after it (an LM head's logits, the
+largest tensor of the pass) is computed.
 
 Which layers: every ``nn.Linear`` (or GPT-2 ``Conv1D``) whose weight loses *input* channels under the
 plan: ``down_proj`` / ``fc2`` for MLP channels, ``o_proj`` / ``dense`` for heads. When its output
@@ -47,7 +50,7 @@ from ..plan import Plan
 from .importance.taylor import run_batch
 from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
 
-ONE_PASS_ROWS = 16  # windows refit in a single forward pass (bounds its activations and logits)
+ONE_PASS_BYTES = 1 << 30  # dense inputs kept for a single-pass refit (float32, all refit layers)
 # module class name -> the weight dim that holds input features
 INPUT_DIM: dict[str, int] = {"Linear": 1, "Conv1D": 0}
 
@@ -128,7 +131,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
     was = (original.training, pruned.training)
     original.eval()
     pruned.eval()
-    batches = stack_windows(batches, ONE_PASS_ROWS)
+    batches = stack_windows(batches, one_pass_rows(original, [(t.path, t.in_dim) for t in targets], batches))
     try:
         dense_inputs = _dense_inputs(original, targets, batches)
         if len(batches) == 1:
@@ -192,6 +195,8 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
             xp, x = _flat_input(args[0]), dense_inputs[t.path][0].double()
             if len(t.kept_in) == x.shape[1] and torch.equal(xp, x):  # upstream of any pruning: no drift
                 done.append(t.path)
+                if len(done) == len(targets):
+                    raise _Stop
                 return
             stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
                      "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
@@ -199,12 +204,14 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
             done.append(t.path)
             if progress is not None:
                 progress("reconstruct", len(done))
+            if len(done) == len(targets):
+                raise _Stop
         return hook
 
     handles = [pruned.get_submodule(t.path).register_forward_pre_hook(hook_for(t)) for t in targets]
     try:
         with torch.no_grad():
-            run_batch(pruned, batch)
+            run_until_stopped(pruned, batch)
     finally:
         for h in handles:
             h.remove()
@@ -214,23 +221,49 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
 
 
 def _dense_inputs(original: nn.Module, targets: list[_Target], batches: list[Any]) -> dict[str, list[torch.Tensor]]:
-    """Every target's input in the dense model, per batch (float32), from one pass over the data."""
+    """Every target's input in the dense model, per batch (float32; a module called twice: its first
+    call), from one pass over the data, each forward stopped once every target has its input."""
     got: dict[str, list[torch.Tensor]] = {t.path: [] for t in targets}
+    seen: set[str] = set()
 
     def grab(path: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
+            if path in seen:
+                return
             got[path].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            seen.add(path)
+            if len(seen) == len(got):
+                raise _Stop
         return hook
 
     handles = [original.get_submodule(t.path).register_forward_pre_hook(grab(t.path)) for t in targets]
     try:
         with torch.no_grad():
             for batch in batches:
-                run_batch(original, batch)
+                seen.clear()
+                run_until_stopped(original, batch)
     finally:
         for h in handles:
             h.remove()
     return got
+
+
+def one_pass_rows(model: nn.Module, consumers: list[tuple[str, int]], batches: list[Any]) -> int:
+    """Windows per forward such that the dense inputs of all ``consumers`` (module path, input dim)
+    stay within :data:`ONE_PASS_BYTES`; at least one."""
+    if not batches or not isinstance(batches[0], torch.Tensor) or batches[0].dim() != 2:
+        return 1
+    width = sum(int(model.get_submodule(path).weight.shape[dim]) for path, dim in consumers)
+    per_row = batches[0].shape[1] * width * 4
+    return max(1, ONE_PASS_BYTES // max(per_row, 1))
+
+
+def run_until_stopped(model: nn.Module, batch: Any) -> None:
+    """``run_batch``, which a forward hook may end early by raising :class:`_Stop`."""
+    try:
+        run_batch(model, batch)
+    except _Stop:
+        pass
 
 
 def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: list[Any]) -> dict[str, torch.Tensor]:
@@ -247,10 +280,7 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
     try:
         with torch.no_grad():
             for batch, x in zip(batches, dense):
-                try:
-                    run_batch(pruned, batch)
-                except _Stop:
-                    pass
+                run_until_stopped(pruned, batch)
                 xp, x = seen.pop(), x.double()
                 if t.in_dim == 1 and xp.shape[1] != len(t.kept_in):
                     raise FxpruneError(f"reconstruction: {t.path} sees {xp.shape[1]} inputs, "

@@ -39,10 +39,8 @@ from ...data import stack_windows
 from ...depgraph import Group
 from ...errors import FxpruneError
 from .base import ImportanceRequest
-from .taylor import run_batch
 
 STEPS = 64  # greedy rounds per group: units removed per round = ceil(to_remove / STEPS)
-ONE_PASS_ROWS = 16  # as reconstruct: windows measured in one forward pass
 LOOP_DTYPE = torch.float64  # of the greedy removal loop (float32: 5% faster, 98% of the same choices)
 
 
@@ -57,14 +55,15 @@ class _Consumer:
 
 def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     """Greedy OBS removal order per group, sequential over layers (see the module docstring)."""
-    from ..reconstruct import _collect, _dense_inputs, _flat_input, _Target  # no import cycle
+    from ..reconstruct import (_collect, _dense_inputs, _flat_input, _Stop, _Target, one_pass_rows,  # no import cycle
+                               run_until_stopped)
 
     if req.keep is None:
         raise FxpruneError("importance 'obs' ranks within each group: use local ranking (--mode local)")
     if not req.batches:
         raise FxpruneError("importance 'obs' needs calibration text (--calib FILE)")
     consumers = sorted((_consumer(req, g) for g in req.groups), key=lambda c: c.order)
-    batches = stack_windows(req.batches, ONE_PASS_ROWS)
+    batches = stack_windows(req.batches, one_pass_rows(req.model, [(c.path, 1) for c in consumers], req.batches))
     dense_in = _dense_inputs(req.model, consumers, batches)  # type: ignore[arg-type]  # reads .path
     work = copy.deepcopy(req.model).eval()
     scores: dict[str, np.ndarray] = {}
@@ -85,12 +84,14 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
         def hook(_mod: nn.Module, args: tuple) -> None:
             if c.group.id not in scores:  # a shared module is chosen on its first call
                 choose(c, _moments(torch.cat(dense_in[c.path]).double(), _flat_input(args[0])))
+                if len(scores) == len(consumers):
+                    raise _Stop  # the rest of the forward (an LM head's logits) is not needed
         return hook
 
     handles = [work.get_submodule(c.path).register_forward_pre_hook(hook_for(c)) for c in consumers]
     try:
         with torch.no_grad():
-            run_batch(work, batches[0])
+            run_until_stopped(work, batches[0])
     finally:
         for h in handles:
             h.remove()
