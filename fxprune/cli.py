@@ -25,6 +25,14 @@ PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # --precision -> prun
 _Say = Progress  # stage lines and bars on stderr, silent with --quiet (see fxprune/progress.py)
 
 
+
+# fxprune.exporters.onnx.OPTIMIZE_LEVELS, repeated so that --help does not import torch (a test checks)
+ONNX_OPTIMIZE = ("none", "light", "full", "ort")
+ONNX_OPTIMIZE_HELP = ("ONNX graph optimization: light (default: folding and clean-up), full (onnxscript's "
+                      "whole optimizer), ort (light + fusions into onnxruntime contrib ops: faster in "
+                      "onnxruntime, runs only there), none")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -194,7 +202,7 @@ def _write_outputs(result: Any, out: Path, args: argparse.Namespace, say: _Say) 
 
             t = time.perf_counter()
             with say.task("exporting ONNX"):
-                report["onnx"] = export_onnx(result, str(tmp / "model.onnx"))
+                report["onnx"] = export_onnx(result, str(tmp / "model.onnx"), optimize=args.onnx_optimize)
             report["onnx"]["path"] = str(out / "model.onnx")  # where it lives once moved into place
             _add_time(report, "onnx_s", time.perf_counter() - t)
         say("writing report.md, report.json, kept_width.png")
@@ -271,7 +279,7 @@ def cmd_export(args: argparse.Namespace, say: _Say) -> int:
 
     model, tok = _load(args.dir, say)
     with say.task("exporting ONNX"):
-        rep = export_onnx(model, args.onnx, example_inputs(model, tok))
+        rep = export_onnx(model, args.onnx, example_inputs(model, tok), optimize=args.optimize)
     print(json.dumps(rep, default=str) if args.json else f"wrote {rep['path']} (max |diff| vs torch {rep['max_abs_diff']:.2g})")
     return 0
 
@@ -338,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")
     pr.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (verified)")
+    pr.add_argument("--onnx-optimize", choices=ONNX_OPTIMIZE, default=None, metavar="LEVEL",
+                    help=ONNX_OPTIMIZE_HELP)
     pr.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
     pr.add_argument("--eval-windows", type=int, default=40)
     pr.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -352,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", parents=[common], help="export a saved model to ONNX")
     x.add_argument("dir")
     x.add_argument("--onnx", required=True, metavar="FILE")
+    x.add_argument("--optimize", choices=ONNX_OPTIMIZE, default=None, metavar="LEVEL", help=ONNX_OPTIMIZE_HELP)
     x.add_argument("--json", action="store_true")
     return p
 

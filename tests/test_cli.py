@@ -233,3 +233,23 @@ def test_eval_prints_json_and_a_perplexity_bar(tok_dir, capsys):
     res = json.loads(captured.out)
     assert res["tokens"] == 3 * 7 and res["ppl"] > 1
     assert "perplexity over 3 x 8 tokens done: 3/3 window" in captured.err
+
+
+def test_export_with_an_optimize_level(tiny_dir, tmp_path, capsys):
+    import onnx
+
+    from fxprune import cli
+    from fxprune.exporters.onnx import OPTIMIZE_LEVELS
+
+    assert cli.ONNX_OPTIMIZE == OPTIMIZE_LEVELS  # repeated in the CLI so --help stays light
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--optimize", "ort", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["max_abs_diff"] is not None and rep["max_abs_diff"] < 1e-3
+    assert any(n.domain == "com.microsoft" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(out), "--onnx", str(tmp_path / "x.onnx"), "--optimize", "fast"])
+    assert exc.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

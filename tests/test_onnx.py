@@ -244,3 +244,17 @@ def test_optimize_levels(tmp_path):
     with pytest.raises(FxpruneError, match="unknown optimize level 'fast'"):
         export_onnx(tiny("mlp"), tmp_path / "x.onnx", example("mlp"), optimize="fast")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_optimize_ort_fuses_into_onnxruntime_ops(tmp_path):
+    """"ort" replaces the RMS norms (with their residual adds) and the attention of a pruned Llama by
+    onnxruntime contrib ops, and the file still matches torch in onnxruntime."""
+    model = tiny("llama")
+    res = fxprune.prune(model, example("llama"), ratio=0.3, importance="l2", targets=("heads", "mlp"))
+    path = tmp_path / "ort.onnx"
+    rep = export_onnx(res, path, optimize="ort")
+    assert rep["max_abs_diff"] is not None and rep["max_abs_diff"] < 1e-4
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node}
+    fused = {op for domain, op in ops if domain == "com.microsoft"}
+    assert {"SkipSimplifiedLayerNormalization", "MultiHeadAttention"} <= fused, ops
+    assert ("", "Softmax") not in ops  # attention became one fused op

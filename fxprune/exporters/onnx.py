@@ -70,7 +70,11 @@ def export_onnx(
             onnxscript optimizer: the same plus its pattern rewrites), ``"none"`` or ``False``.
             Default: ``"light"`` below opset 23 (at 23 optimized graphs fail in onnxruntime for
             batch > 1), else none. On SmolLM2 ``"full"`` took twice as long for no measured
-            onnxruntime speed-up (onnxruntime fuses at load time).
+            onnxruntime speed-up (onnxruntime fuses at load time). ``"ort"``: light, then
+            onnxscript's transformer fusions into onnxruntime's contrib ops (RMS norm with the
+            residual add, rotary embedding, attention); the file then runs in onnxruntime only
+            (and ``onnx.checker``, which has no schema for those ops, is skipped).
+            SmolLM2 in onnxruntime on CPU: 3-7% faster, ~30 s more export.
 
     Returns:
         ``{"path", "opset", "max_abs_diff", "inputs", "outputs", "external_data", "seconds"}``;
@@ -96,8 +100,10 @@ def export_onnx(
 
     level = _optimize_level(optimize, opset)
     onnx_program = _torch_export(program, opset, level == "full")
-    if level == "light":
+    if level in ("light", "ort"):
         _light_optimize(onnx_program.model)
+    if level == "ort":
+        _ort_fusions(onnx_program.model)
     _rename_io(onnx_program.model, program, in_names, out_names)
     _strip_stack_traces(onnx_program.model)
     big = _initializer_bytes(onnx_program.model) > EXTERNAL_DATA_BYTES
@@ -109,7 +115,8 @@ def export_onnx(
         # "<name>.data", relative to the model file, so it stays valid after the move
         staged = tmp / dest.name
         onnx_program.save(staged, external_data=big)
-        _check(staged)
+        if level != "ort":  # onnx.checker has no schema for onnxruntime's contrib ops; ORT's load checks them
+            _check(staged)
         max_diff, shapes = _verify(staged, program, in_names, out_names, atol) if verify else (None, {})
         data = tmp / f"{dest.name}.data"
         old_data = dest.parent / data.name
@@ -243,7 +250,7 @@ def _output_names(program: Program) -> list[str]:
 
 # -- torch.onnx --------------------------------------------------------------------------------------
 
-OPTIMIZE_LEVELS = ("none", "light", "full")
+OPTIMIZE_LEVELS = ("none", "light", "full", "ort")
 
 
 def _optimize_level(optimize: bool | str | None, opset: int) -> str:
@@ -282,6 +289,13 @@ def _light_optimize(model: Any) -> None:
         common.OutputFixPass(),
         common.NameFixPass(),
     )(model)
+
+
+def _ort_fusions(model: Any) -> None:
+    """onnxscript's transformer fusions to onnxruntime contrib ops (``com.microsoft``), in place."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    optimize_for_ort(model)
 
 
 def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
