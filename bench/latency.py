@@ -13,7 +13,7 @@ the same machine load; the median is reported. One JSON line per (configuration,
 target: latency_ratio <= 1.1 x param_ratio. Needs no data file (random token ids).
 
     python bench/latency.py [--runs 20] [--threads 2] [--ratios 0.2,0.5] [--round-to 1,64]
-                            [--targets 'heads,mlp;mlp'] [--layers 3:29|all]
+                            [--targets 'heads,mlp;mlp'] [--layers 3:29|all] [--optimize light|ort|...]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--no-verify", action="store_true", help="skip export_onnx's onnxruntime parity check")
+    ap.add_argument("--optimize", default="light", help="export_onnx's optimize level (none, light, full, ort)")
     return ap.parse_args(argv)
 
 
@@ -92,10 +93,10 @@ def paired_medians(dense: Any, pruned: Any, feed: dict[str, Any], runs: int, war
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def export(model: Any, inputs: dict[str, Any], path: Path, verify: bool) -> Path:
+def export(model: Any, inputs: dict[str, Any], path: Path, verify: bool, optimize: str) -> Path:
     import fxprune
 
-    info = fxprune.export_onnx(model, path, inputs, opset=OPSET, verify=verify)
+    info = fxprune.export_onnx(model, path, inputs, opset=OPSET, verify=verify, optimize=optimize)
     log(f"exported {path.name} in {info['seconds']:.1f}s (max |ort - torch| {info['max_abs_diff']})")
     return path
 
@@ -121,13 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     layers = None if args.layers == "all" else args.layers
     with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
-        dense = session(export(model, inputs, Path(tmp) / "dense.onnx", not args.no_verify), args.threads)
+        dense = session(export(model, inputs, Path(tmp) / "dense.onnx", not args.no_verify, args.optimize), args.threads)
         for ratio, round_to, targets in configs(args):
             name = f"r{ratio}-round{round_to}-{'+'.join(targets)}"
             log(f"--- {name}: prune (l2), export")
             res = fxprune.prune(model, inputs, ratio=ratio, importance="l2", targets=targets, layers=layers,
                                 round_to=round_to)
-            path = export(res, None, Path(tmp) / f"{name}.onnx", not args.no_verify)
+            path = export(res, None, Path(tmp) / f"{name}.onnx", not args.no_verify, args.optimize)
             pruned = session(path, args.threads)
             param_ratio = res.report["params_after"] / dense_params
             for batch in batches:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                       "param_ratio": round(param_ratio, 4), "ms": round(ms, 2), "dense_ms": round(dense_ms, 2),
                       "latency_ratio": round(lat_ratio, 4), "latency_over_param": round(lat_ratio / param_ratio, 3),
                       "target": TARGET, "met": lat_ratio <= TARGET * param_ratio,
-                      "threads": args.threads, "runs": args.runs})
+                      "threads": args.threads, "runs": args.runs, "optimize": args.optimize})
             del pruned, res
             path.unlink()
 
