@@ -118,10 +118,9 @@ def test_prune_with_reconstruct_on_llama_lowers_loss_and_leaves_user_model():
         assert torch.equal(v, before[k]), k
 
 
-def test_one_pass_and_layer_by_layer_refits_agree(monkeypatch):
+def tiny_llama_plan(targets):
+    """A 2-layer Llama, its capture, groups and an l2 plan removing 30% over ``targets``, and 6 windows."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import fxprune.passes.reconstruct as rc
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -130,7 +129,14 @@ def test_one_pass_and_layer_by_layer_refits_agree(monkeypatch):
     calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
     program = fxprune.capture(model, {"input_ids": calib[:2]})
     dg = fxprune.dependency_graph(program)
-    plan = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=("heads", "mlp")).plan
+    plan = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=targets).plan
+    return model, program, dg, plan, calib
+
+
+def test_one_pass_and_layer_by_layer_refits_agree(monkeypatch):
+    import fxprune.passes.reconstruct as rc
+
+    model, program, dg, plan, calib = tiny_llama_plan(("heads", "mlp"))
     windows = [calib[i : i + 1] for i in range(6)]
     one = apply_plan(program, dg, plan)
     rep_one = reconstruct(model, one.model, program, dg, plan, windows)
@@ -159,20 +165,11 @@ def test_one_pass_rows_follow_the_memory_budget(monkeypatch):
 @pytest.mark.parametrize("rows", [None, 2])  # one pass over all windows; or 3 batches, layer by layer
 def test_forwards_stop_after_the_last_refit_layer(monkeypatch, rows):
     """Nothing after the last refit layer runs: an LM head's logits are the pass's largest tensor."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import fxprune.passes.reconstruct as rc
 
     if rows:
         monkeypatch.setattr(rc, "one_pass_rows", lambda *a: rows)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2)).eval()
-    calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
-    program = fxprune.capture(model, {"input_ids": calib[:2]})
-    dg = fxprune.dependency_graph(program)
-    plan = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=("mlp",)).plan
+    model, program, dg, plan, calib = tiny_llama_plan(("mlp",))
     pruned = apply_plan(program, dg, plan)
     before = [m.mlp.down_proj.weight.detach().clone() for m in pruned.model.model.layers]
     heads: list[int] = []
