@@ -243,12 +243,14 @@ def test_export_with_an_optimize_level(tiny_dir, tmp_path, capsys):
 
     assert cli.ONNX_OPTIMIZE == OPTIMIZE_LEVELS  # repeated in the CLI so --help stays light
     out = tmp_path / "out"
-    assert main(["prune", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--quiet"]) == 0
+    assert main(["prune", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--quiet", "--onnx",
+                 "--onnx-optimize", "ort"]) == 0
+    assert any(n.domain == "com.microsoft" for n in onnx.load(str(out / "model.onnx")).graph.node)
     capsys.readouterr()
-    assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--optimize", "ort", "--json"]) == 0
+    assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--optimize", "none", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["max_abs_diff"] is not None and rep["max_abs_diff"] < 1e-3
-    assert any(n.domain == "com.microsoft" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    assert not any(n.domain == "com.microsoft" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
     with pytest.raises(SystemExit) as exc:
         main(["export", str(out), "--onnx", str(tmp_path / "x.onnx"), "--optimize", "fast"])
     assert exc.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
