@@ -24,8 +24,6 @@ PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # --precision -> prun
 
 _Say = Progress  # stage lines and bars on stderr, silent with --quiet (see fxprune/progress.py)
 
-
-
 # fxprune.exporters.onnx.OPTIMIZE_LEVELS, repeated so that --help does not import torch (a test checks)
 ONNX_OPTIMIZE = ("none", "light", "full", "ort")
 ONNX_OPTIMIZE_HELP = ("ONNX graph optimization: light (default: folding and clean-up), full (onnxscript's "

@@ -193,16 +193,13 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
             if t.path in done:  # a module called twice: refit on its first call only
                 return
             xp, x = _flat_input(args[0]), dense_inputs[t.path][0].double()
-            if len(t.kept_in) == x.shape[1] and torch.equal(xp, x):  # upstream of any pruning: no drift
-                done.append(t.path)
-                if len(done) == len(targets):
-                    raise _Stop
-                return
-            stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
-                     "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
-            _refit(original, pruned, t, stats, damp, errors)
+            drift = len(t.kept_in) != x.shape[1] or not torch.equal(xp, x)  # no drift: upstream of any pruning
+            if drift:
+                stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
+                         "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+                _refit(original, pruned, t, stats, damp, errors)
             done.append(t.path)
-            if progress is not None:
+            if drift and progress is not None:
                 progress("reconstruct", len(done))
             if len(done) == len(targets):
                 raise _Stop

@@ -189,7 +189,7 @@ def mean_loss(model: nn.Module, batches: list[Any]) -> float:
 
 
 def _loss_name(teacher: nn.Module | None, distill: float) -> str:
-    if teacher is None or distill == 0:
+    if teacher is None:
         return "calibration"
     return "distill" if distill == 1 else f"distill {distill:g} + calibration {1 - distill:g}"
 
@@ -218,6 +218,9 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     "loss_before", "loss_after", "train_loss_first", "train_loss_last", "seconds"}``; the losses
     are the mean calibration loss over ``batches``.
     """
+    distill = check_distill(distill)
+    if distill == 0:
+        teacher = None  # weight 0 is the text alone: no teacher forwards
     if isinstance(model, fx.GraphModule):
         raise FxpruneError("recovery needs the pruned eager module, but only its graph module runs; "
                            "use recover_steps=0 for this model")
@@ -231,7 +234,7 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
         say(f"recovery: {steps} LoRA steps on {len(handle.modules)} layers"
             + (f" (distillation, weight {distill:g})" if teacher is not None else ""))
         loss_fn = (calibration_loss if teacher is None
-                   else functools.partial(distill_loss, teacher=teacher, weight=check_distill(distill)))
+                   else functools.partial(distill_loss, teacher=teacher, weight=distill))
         teacher_state = ModelState(teacher) if teacher is not None else None
         try:
             if teacher is not None:
