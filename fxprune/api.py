@@ -104,6 +104,7 @@ def prune(
     reconstruct: bool = False,
     damp: float = 1.0,
     refit_all: bool = False,
+    residual_correction: bool = True,
     distill: float = 0.0,
     recover_schedule: str = "constant",
     precision: str = "float32",
@@ -152,6 +153,10 @@ def prune(
             ``obs`` chooses units for this refit (:mod:`fxprune.passes.importance.obs`) and turns it on.
         refit_all: reconstruct also refits every other untied Linear (q/k/v, gate/up...) against
             the dense model's output, correcting the drift of its inputs; turns ``reconstruct`` on.
+        residual_correction: the refit (and ``obs``) aims residual writers (``o_proj``, ``down_proj``
+            of a pre-norm block) at the dense residual stream, so the stream's drift from earlier
+            pruned layers is cancelled too (:mod:`fxprune.passes.residual`); blocks whose layout the
+            dense model does not confirm are refit without it (the report's notes say which).
     """
     say = as_progress(progress)  # callable like before: say("stage"); plus say.bar / say.task
     timings: dict[str, float] = {}
@@ -228,7 +233,8 @@ def prune(
         else:
             # the passes weight each batch by its rows, so stacking leaves the gradient as it is
             req = ImportanceRequest(model, dg, groups, stack_windows(batches, IMPORTANCE_ROWS), aggregate,
-                                    seed, lora_rank, damp=damp, precision=precision)
+                                    seed, lora_rank, damp=damp, precision=precision,
+                                    residual_correction=residual_correction)
             if importance in SELECTS:  # the counts local ranking keeps, whatever the scores
                 probe = select(dg, {g.id: np.zeros(g.units) for g in groups}, sel)
                 req.keep = {g.id: len(probe.keep.get(g.id, range(g.units))) for g in groups}
@@ -254,12 +260,14 @@ def prune(
         t = time.perf_counter()
         say("reconstruct")
         batches = _batches(calib)
-        recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp, drift=refit_all)
+        recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp, drift=refit_all,
+                      residual_correction=residual_correction)
         timings["reconstruct_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("verify")
-    pruned_model, notes = _check_eager(rw.model, rw.graph_module, example_inputs, rw.notes)
+    pruned_model, notes = _check_eager(rw.model, rw.graph_module, example_inputs,
+                                       rw.notes + (recon.get("notes", []) if reconstruct else []))
     timings["verify_s"] = time.perf_counter() - t
     recovery = None
     if recover_steps:

@@ -158,7 +158,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
-        refit_all=args.refit_all, distill=args.distill, recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
+        refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill, recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
         recover_data=recover_data,
     )
     report = result.report
@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--damp", type=float, default=1.0, help="relative ridge damping of --reconstruct")
     pr.add_argument("--refit-all", action="store_true",
                     help="--reconstruct also refits every other Linear whose inputs drift (q/k/v, gate/up...)")
+    pr.add_argument("--no-residual-correction", action="store_true",
+                    help="--reconstruct aims down_proj/o_proj at the dense layer output only, not at the dense "
+                         "residual stream (which also cancels earlier layers' drift)")
     pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")

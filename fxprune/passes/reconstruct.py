@@ -27,6 +27,10 @@ predecessors; with more windows, the pruned model runs once per refit layer, sto
 forward stops once the last refit layer has its input: nothing after it (an LM head's logits, the
 largest tensor of the pass) is computed.
 
+Residual writers (``o_proj``, ``down_proj`` of a pre-norm block) are aimed at the dense residual
+stream rather than the dense layer output, so the refit also cancels the stream's drift from the
+layers before (``residual_correction``, on by default; see :mod:`fxprune.passes.residual`).
+
 Which layers: every ``nn.Linear`` (or GPT-2 ``Conv1D``) whose weight loses *input* channels under the
 plan: ``down_proj`` / ``fc2`` for MLP channels, ``o_proj`` / ``dense`` for heads. When its output
 dim shrinks too (hidden-size pruning) only the kept rows are written. A layer with a bias gets its
@@ -48,6 +52,7 @@ from ..depgraph import DependencyGraph
 from ..errors import FxpruneError
 from ..plan import Plan
 from .importance.taylor import run_batch
+from .residual import StreamRecorder, Tap, check_taps, find_taps
 from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
 
 ONE_PASS_BYTES = 1 << 30  # dense inputs kept for a single-pass refit (float32, all refit layers)
@@ -89,13 +94,14 @@ def _flat_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _solve(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, prior: torch.Tensor, damp: float,
-           n_damped: int) -> torch.Tensor:
-    """``A = (W C + lam P)(G + lam I)^-1``: least squares pulled towards ``prior`` (``P``).
+           n_damped: int, drift: torch.Tensor | None = None) -> torch.Tensor:
+    """``A = (W C + D + lam P)(G + lam I)^-1``: least squares pulled towards ``prior`` (``P``).
 
     ``C = X^T X'_K``, ``G = X'_K^T X'_K``, ``lam = damp * mean(diag G)``. This minimises
-    ``||X'_K A^T - X W^T||^2 + lam ||A - P||^2`` with ``P`` = the kept columns as they are, so a large
-    damping leaves the layer unchanged instead of shrinking it to zero. Only the first ``n_damped``
-    entries (not an intercept's) are damped.
+    ``||X'_K A^T - X W^T - E||^2 + lam ||A - P||^2`` with ``P`` = the kept columns as they are, so a
+    large damping leaves the layer unchanged instead of shrinking it to zero; ``D = E^T X'_K`` is the
+    residual stream's drift term (``E`` = dense - pruned stream; None: no correction). Only the
+    first ``n_damped`` entries (not an intercept's) are damped.
     """
     g = gram.clone()
     diag = torch.diagonal(g)[:n_damped]
@@ -103,6 +109,8 @@ def _solve(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, prior: torc
     lam = damp * mean if mean > 0 else damp
     diag += lam
     rhs = w @ cross  # (out, |K| [+1])
+    if drift is not None:
+        rhs[:, : drift.shape[1]] += drift
     rhs[:, :n_damped] += lam * prior[:, :n_damped]
     # G is symmetric positive definite after damping; solve A G = rhs  <=>  G A^T = rhs^T
     chol = torch.linalg.cholesky(g)
@@ -111,13 +119,17 @@ def _solve(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, prior: torc
 
 def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: DependencyGraph,
                 plan: Plan, batches: Iterable[Any], *, damp: float = 1.0, drift: bool = False,
+                residual_correction: bool = True,
                 progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Refit, in place in ``pruned``, every layer whose input channels ``plan`` removed.
 
     ``original`` is the dense model (read only); ``pruned`` the rewritten copy (its graph module
     shares its parameters, so both change). ``batches`` are calibration batches as for the Taylor
-    passes. Returns ``{"layers": n, "damp": damp, "rel_error_before": x, "rel_error_after": y}``,
-    the mean over refit layers of ``||X'_K A^T - X W^T|| / ||X W^T||`` on the calibration data.
+    passes. ``residual_correction`` aims residual writers at the dense stream (module docstring).
+    Returns ``{"layers": n, "damp": damp, "rel_error_before": x, "rel_error_after": y,
+    "residual_corrected": m, "notes": [...]}``: the mean over refit layers of
+    ``||X'_K A^T - X W^T|| / ||X W^T||`` on the calibration data, and how many layers were aimed at
+    the dense stream (notes: the blocks where the dense model contradicts the rule table).
     """
     batches = list(batches)
     if not batches:
@@ -126,19 +138,23 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
         raise FxpruneError(f"reconstruction damping must be > 0, got {damp}")
     targets = refit_targets(original, program, dg, plan, drift)
     if not targets:
-        return {"layers": 0, "damp": damp}
+        return {"layers": 0, "damp": damp, "residual_corrected": 0, "notes": []}
     errors: dict[str, list[float]] = {"before": [], "after": []}
     was = (original.training, pruned.training)
     original.eval()
     pruned.eval()
-    batches = stack_windows(batches, one_pass_rows(original, [(t.path, t.in_dim) for t in targets], batches))
+    taps = find_taps(original, [t.path for t in targets]) if residual_correction else {}
+    widths = [(t.path, t.in_dim) for t in targets] + [(t.path, 1 - t.in_dim) for t in targets if t.path in taps]
+    batches = stack_windows(batches, one_pass_rows(original, widths, batches))
     try:
-        dense_inputs = _dense_inputs(original, targets, batches)
+        taps, notes = check_taps(original, taps, lambda: run_batch(original, _head(batches[0])))
+        dense_inputs, dense_streams = _dense_inputs(original, targets, batches, taps)
         if len(batches) == 1:
-            _refit_in_one_pass(original, pruned, targets, dense_inputs, batches[0], damp, errors, progress)
+            _refit_in_one_pass(original, pruned, targets, dense_inputs, dense_streams, taps, batches[0], damp,
+                               errors, progress)
         else:
             for step, t in enumerate(targets):
-                stats = _collect(pruned, t, dense_inputs.pop(t.path), batches)
+                stats = _collect(pruned, t, dense_inputs.pop(t.path), batches, dense_streams.pop(t.path, None), taps)
                 _refit(original, pruned, t, stats, damp, errors)
                 if progress is not None:
                     progress("reconstruct", step + 1)
@@ -146,7 +162,8 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
         original.train(was[0])
         pruned.train(was[1])
     out: dict[str, Any] = {"layers": len(targets), "damp": damp,
-                           "rel_error_before": float(np.mean(errors["before"]))}
+                           "rel_error_before": float(np.mean(errors["before"])), "residual_corrected": len(taps),
+                           "notes": notes}
     if errors["after"]:  # measured for bias-free layers (the error formula has no intercept term)
         out["rel_error_after"] = float(np.mean(errors["after"]))
     return out
@@ -161,7 +178,7 @@ def _refit(original: nn.Module, pruned: nn.Module, t: _Target, stats: dict[str, 
     prior = w[:, torch.as_tensor(t.kept_in)]  # all rows: rows are cut after the solve
     bias = getattr(mod, "bias", None)
     if bias is None:
-        a = _solve(w, stats["xx"], stats["gram"], prior, damp, len(t.kept_in))
+        a = _solve(w, stats["xx"], stats["gram"], prior, damp, len(t.kept_in), stats.get("drift"))
     else:  # refit the bias too (an intercept): FLAP's mean compensation, and more
         a_aug = _solve(torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1),
                        _augment_cross(stats), _augment_gram(stats), prior, damp, len(t.kept_in))
@@ -182,11 +199,13 @@ def _refit(original: nn.Module, pruned: nn.Module, t: _Target, stats: dict[str, 
 
 
 def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Target],
-                       dense_inputs: dict[str, list[torch.Tensor]], batch: Any, damp: float,
-                       errors: dict[str, list[float]], progress: Callable[[str, int], None] | None) -> None:
+                       dense_inputs: dict[str, list[torch.Tensor]], dense_streams: dict[str, list[torch.Tensor]],
+                       taps: dict[str, Tap], batch: Any, damp: float, errors: dict[str, list[float]],
+                       progress: Callable[[str, int], None] | None) -> None:
     """All calibration data in one forward of the pruned model: each target's pre-hook refits it
     before it runs, so later targets already see the refit earlier ones (sequential, one pass)."""
     done: list[str] = []
+    streams = StreamRecorder(pruned, taps)
 
     def hook_for(t: _Target):
         def hook(_mod: nn.Module, args: tuple) -> None:
@@ -197,6 +216,8 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
             if drift:
                 stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
                          "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+                if t.path in dense_streams:
+                    stats["drift"] = stream_drift(t, dense_streams[t.path][0], streams.stream(t.path), xp)
                 _refit(original, pruned, t, stats, damp, errors)
             done.append(t.path)
             if drift and progress is not None:
@@ -212,22 +233,29 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
     finally:
         for h in handles:
             h.remove()
+        streams.close()
     missing = [t.path for t in targets if t.path not in done]
     if missing:
         raise FxpruneError(f"reconstruction: {missing[0]} was not called by the model's forward")
 
 
-def _dense_inputs(original: nn.Module, targets: list[_Target], batches: list[Any]) -> dict[str, list[torch.Tensor]]:
+def _dense_inputs(original: nn.Module, targets: list, batches: list[Any], taps: dict[str, Tap] | None = None,
+                  ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """Every target's input in the dense model, per batch (float32; a module called twice: its first
-    call), from one pass over the data, each forward stopped once every target has its input."""
+    call), from one pass over the data, each forward stopped once every target has its input; and,
+    for targets in ``taps``, the residual stream they write back to (read before the target runs)."""
     got: dict[str, list[torch.Tensor]] = {t.path: [] for t in targets}
+    streams: dict[str, list[torch.Tensor]] = {p: [] for p in got if taps and p in taps}
     seen: set[str] = set()
+    recorder = StreamRecorder(original, {p: taps[p] for p in streams} if taps else {})
 
     def grab(path: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
             if path in seen:
                 return
             got[path].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            if path in streams:
+                streams[path].append(recorder.stream(path).float())
             seen.add(path)
             if len(seen) == len(got):
                 raise _Stop
@@ -238,11 +266,31 @@ def _dense_inputs(original: nn.Module, targets: list[_Target], batches: list[Any
         with torch.no_grad():
             for batch in batches:
                 seen.clear()
+                recorder.reset()
                 run_until_stopped(original, batch)
     finally:
         for h in handles:
             h.remove()
-    return got
+        recorder.close()
+    return got, streams
+
+
+def stream_drift(t: _Target, dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+    """``(h - h_p)^T X'``: the residual drift term of ``t``'s refit, for every output row of the dense
+    layer (the stream's width); rows the plan removes from the stream get zero, they are cut after
+    the solve."""
+    dense_h = dense_h.double()
+    if t.kept_out is None:
+        return (dense_h - pruned_h).T @ xp
+    out = torch.zeros(dense_h.shape[1], xp.shape[1], dtype=xp.dtype)
+    kept = torch.as_tensor(t.kept_out)
+    out[kept] = (dense_h[:, kept] - pruned_h).T @ xp
+    return out
+
+
+def _head(batch: Any) -> Any:
+    """A small part of a batch, enough for the residual check (token ids: two windows)."""
+    return batch[:2] if isinstance(batch, torch.Tensor) and batch.dim() == 2 else batch
 
 
 def one_pass_rows(model: nn.Module, consumers: list[tuple[str, int]], batches: list[Any]) -> int:
@@ -263,11 +311,15 @@ def run_until_stopped(model: nn.Module, batch: Any) -> None:
         pass
 
 
-def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: list[Any]) -> dict[str, torch.Tensor]:
+def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: list[Any],
+             dense_streams: list[torch.Tensor] | None = None, taps: dict[str, Tap] | None = None,
+             ) -> dict[str, torch.Tensor]:
     """Second moments at ``t``'s input: ``xx`` = X^T X'_K (dense against pruned inputs), ``gram`` =
-    X'_K^T X'_K, ``dense`` = X^T X, and the sums for an intercept. The pruned forward stops at ``t``."""
+    X'_K^T X'_K, ``dense`` = X^T X, the sums for an intercept and, with ``dense_streams``, the
+    residual drift term ``drift``. The pruned forward stops at ``t``."""
     acc: dict[str, torch.Tensor] = {}
     seen: list[torch.Tensor] = []
+    streams = StreamRecorder(pruned, {t.path: taps[t.path]} if dense_streams is not None and taps else {})
 
     def hook(_mod: nn.Module, args: tuple) -> None:
         seen.append(_flat_input(args[0]))
@@ -276,9 +328,13 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
     handle = pruned.get_submodule(t.path).register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            for batch, x in zip(batches, dense):
+            for i, (batch, x) in enumerate(zip(batches, dense)):
+                streams.reset()
                 run_until_stopped(pruned, batch)
                 xp, x = seen.pop(), x.double()
+                if dense_streams is not None:
+                    d = stream_drift(t, dense_streams[i], streams.stream(t.path), xp)
+                    acc["drift"] = acc["drift"] + d if "drift" in acc else d
                 if t.in_dim == 1 and xp.shape[1] != len(t.kept_in):
                     raise FxpruneError(f"reconstruction: {t.path} sees {xp.shape[1]} inputs, "
                                        f"the plan keeps {len(t.kept_in)}")
@@ -288,6 +344,7 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
                     acc[key] = acc[key] + val if key in acc else val
     finally:
         handle.remove()
+        streams.close()
     return acc
 
 

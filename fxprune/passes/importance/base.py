@@ -36,6 +36,7 @@ class ImportanceRequest:
     keep: dict[str, int] | None = None  # units each group will keep (local ranking), for passes that select
     damp: float = 1.0  # reconstruct's relative ridge damping, for passes that rank with the refit in view
     precision: str = "float32"  # of the gradient passes' forward/backward: "float32" or "bfloat16" (autocast)
+    residual_correction: bool = True  # refit residual writers against the dense stream (passes.residual)
 
 
 def param(model: nn.Module, name: str) -> torch.Tensor:

@@ -14,7 +14,8 @@ and removing the units ``R`` from ``K`` raises the damped error by
 column no longer pays the ridge). Units are removed greedily, a few at a time (lowest cost first), and after
 each removal ``A`` and ``Hinv`` are downdated exactly (block Schur complement), so correlated units
 are not all removed together. This is the same objective and damping the reconstruct pass solves
-for the kept set, so ``obs`` always runs with ``reconstruct``.
+for the kept set, so ``obs`` always runs with ``reconstruct``; like it, a residual writer's target
+also includes the residual stream's drift (``C += (h - h_p)^T X'``, :mod:`fxprune.passes.residual`).
 
 Layers are taken in execution order on a working copy of the model: each consumer's removed columns
 are zeroed and its kept ones refit before the next layer's inputs are measured, as SparseGPT does.
@@ -55,16 +56,21 @@ class _Consumer:
 
 def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     """Greedy OBS removal order per group, sequential over layers (see the module docstring)."""
-    from ..reconstruct import (_collect, _dense_inputs, _flat_input, _Stop, _Target, one_pass_rows,  # no import cycle
-                               run_until_stopped)
+    from ..reconstruct import (_collect, _dense_inputs, _flat_input, _head, _Stop, _Target, one_pass_rows,  # no cycle
+                               run_until_stopped, stream_drift)
+    from ..residual import StreamRecorder, check_taps, find_taps
+    from .taylor import run_batch
 
     if req.keep is None:
         raise FxpruneError("importance 'obs' ranks within each group: use local ranking (--mode local)")
     if not req.batches:
         raise FxpruneError("importance 'obs' needs calibration text (--calib FILE)")
     consumers = sorted((_consumer(req, g) for g in req.groups), key=lambda c: c.order)
-    batches = stack_windows(req.batches, one_pass_rows(req.model, [(c.path, 1) for c in consumers], req.batches))
-    dense_in = _dense_inputs(req.model, consumers, batches)  # type: ignore[arg-type]  # reads .path
+    taps = find_taps(req.model, [c.path for c in consumers]) if req.residual_correction else {}
+    widths = [(c.path, 1) for c in consumers] + [(c.path, 0) for c in consumers if c.path in taps]
+    batches = stack_windows(req.batches, one_pass_rows(req.model, widths, req.batches))
+    taps, _ = check_taps(req.model, taps, lambda: run_batch(req.model, _head(batches[0])))  # reconstruct reports
+    dense_in, dense_streams = _dense_inputs(req.model, consumers, batches, taps)
     work = copy.deepcopy(req.model).eval()
     scores: dict[str, np.ndarray] = {}
 
@@ -77,13 +83,21 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     if len(batches) > 1:  # measure layer by layer: the work copy runs up to each consumer
         for c in consumers:
             n_in = req.model.get_submodule(c.path).weight.shape[1]
-            choose(c, _collect(work, _Target(c.path, 1, np.arange(n_in), None), dense_in.pop(c.path), batches))
+            choose(c, _collect(work, _Target(c.path, 1, np.arange(n_in), None), dense_in.pop(c.path), batches,
+                               dense_streams.pop(c.path, None), taps))
         return scores
+
+    streams = StreamRecorder(work, taps)
 
     def hook_for(c: _Consumer):
         def hook(_mod: nn.Module, args: tuple) -> None:
             if c.group.id not in scores:  # a shared module is chosen on its first call
-                choose(c, _moments(torch.cat(dense_in[c.path]).double(), _flat_input(args[0])))
+                xp = _flat_input(args[0])
+                stats = _moments(torch.cat(dense_in[c.path]).double(), xp)
+                if c.path in dense_streams:
+                    target = _Target(c.path, 1, np.arange(xp.shape[1]), None)
+                    stats["drift"] = stream_drift(target, dense_streams[c.path][0], streams.stream(c.path), xp)
+                choose(c, stats)
                 if len(scores) == len(consumers):
                     raise _Stop  # the rest of the forward (an LM head's logits) is not needed
         return hook
@@ -95,6 +109,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     finally:
         for h in handles:
             h.remove()
+        streams.close()
     missing = [c.path for c in consumers if c.group.id not in scores]
     if missing:
         raise FxpruneError(f"importance 'obs': {missing[0]} was not called by the model's forward")
@@ -137,6 +152,8 @@ def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str,
     lam = damp * float(torch.diagonal(gram).mean()) or damp
     gram += lam * torch.eye(n_in, dtype=gram.dtype)
     c_mat = w @ cross + lam * w
+    if "drift" in stats:  # aim at the dense residual stream (passes.residual)
+        c_mat = c_mat + stats["drift"]
     if bias is not None:  # an undamped intercept column, never removed
         sxp, n = stats["sxp"][:, None], stats["n"].reshape(1, 1)
         gram = torch.cat([torch.cat([gram, sxp], 1), torch.cat([sxp.T, n], 1)], 0)
