@@ -255,3 +255,13 @@ def test_export_with_an_optimize_level(tiny_dir, tmp_path, capsys):
         main(["export", str(out), "--onnx", str(tmp_path / "x.onnx"), "--optimize", "fast"])
     assert exc.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("flag, corrected", [([], 4), (["--no-residual-correction"], 0)])
+def test_reconstruct_residual_correction_flag(flag, corrected, tok_dir, capsys):
+    calib = tok_dir.parent / "calib.txt"
+    assert main(["prune", str(tok_dir), "--ratio", "0.3", "--targets", "heads,mlp", "--reconstruct",
+                 "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "8", "--json", "--quiet",
+                 *flag]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reconstruct"]["residual_corrected"] == corrected  # o_proj and down_proj of both layers
