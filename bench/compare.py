@@ -46,8 +46,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 10 1.60; per-channel damp x diag(H) no better; layers 3:29 1.590, 4:29 1.591, 3:30 1.685,
     # 2:30 1.718). With it (the default), ppl on the eval / second / third slices: 20% damp 2 66.8 /
     # 56.5 / 66.8, 3 66.8 / 56.7 / 66.6, 5 66.5 / 56.3 / 65.9, 8 66.0 / 56.2 / 65.9, 12 66.5 / 56.8 /
-    # 65.8, 20 67.0 / 58.5 / 67.5; heads+MLP damp 8: 3:29 69.0 / 59.2 / 69.2, 1:30 89.0 / 74.9 / 90.5.
-    # 50% heads+MLP: damp 3 208 / 240 / 219, 8 184 / 205 / 200, 15 191 / 218 / 207
+    # 65.8, 20 67.0 / 58.5 / 67.5; MLP damp 8 layers 2:29 66.7 / 56.8 / 66.5, 3:30 68.3 / 57.6 / 67.3;
+    # refit_all 66.8 / 57.0 / 67.1; heads+MLP damp 8: 3:29 69.0 / 59.2 / 69.2, 1:30 89.0 / 74.9 / 90.5.
+    # 50% heads+MLP: damp 3 208 / 240 / 219, 8 184 / 205 / 200, 15 191 / 218 / 207. The plain refit
+    # (residual_correction=False) at damp 8: 20% 68.2 / 57.3 / 67.6, 50% 248 / 383 / 325 (damp 3:
+    # 67.8 / 57.4 / 67.0 and 219 / 249 / 237): the correction is what makes the stronger damping pay
     "obs": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 8.0},
     "obs-heads-mlp": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 8.0},
 }
