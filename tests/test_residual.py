@@ -26,10 +26,10 @@ class Attn(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self):
+    def __init__(self, bias=False):
         super().__init__()
         self.up = nn.Linear(D, HID)
-        self.down_proj = nn.Linear(HID, D, bias=False)
+        self.down_proj = nn.Linear(HID, D, bias=bias)
 
     def forward(self, x):
         return self.down_proj(torch.relu(self.up(x)))
@@ -38,12 +38,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Llama's layout (pre-norm, two residual adds); ``post_norm`` adds Gemma's norm after the MLP."""
 
-    def __init__(self, post_norm=False):
+    def __init__(self, post_norm=False, bias=False):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(D)
         self.self_attn = Attn()
         self.post_attention_layernorm = nn.LayerNorm(D)
-        self.mlp = MLP()
+        self.mlp = MLP(bias)
         self.post_norm = nn.LayerNorm(D) if post_norm else None
 
     def forward(self, h):
@@ -53,9 +53,9 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, post_norm=(False, False, False)):
+    def __init__(self, post_norm=(False, False, False), bias=False):
         super().__init__()
-        self.layers = nn.ModuleList(Block(p) for p in post_norm)
+        self.layers = nn.ModuleList(Block(p, bias) for p in post_norm)
 
     def forward(self, x):
         for layer in self.layers:
@@ -86,9 +86,9 @@ def test_dense_check_rejects_a_block_whose_output_is_not_a_plain_residual_add():
     assert len(notes) == 1 and "layers.1" in notes[0] and "down_proj" in notes[0]
 
 
-def setup(post_norm=(False, False, False)):
+def setup(post_norm=(False, False, False), bias=False):
     torch.manual_seed(0)
-    model = Stack(post_norm).eval()
+    model = Stack(post_norm, bias).eval()
     program = fxprune.capture(model, (torch.randn(2, D),))
     dg = fxprune.dependency_graph(program)
     mlp = sorted((g for g in dg.prunable if g.units == HID), key=lambda g: g.id)
@@ -113,8 +113,9 @@ def inputs_of(model, paths, x):
     return got
 
 
-def test_corrected_refit_is_least_squares_to_the_dense_stream():
-    model, program, dg, plan = setup()
+@pytest.mark.parametrize("bias", [False, True])
+def test_corrected_refit_is_least_squares_to_the_dense_stream(bias):
+    model, program, dg, plan = setup(bias=bias)
     calib = data()
     rw = apply_plan(program, dg, plan)
     rep = reconstruct(model, rw.model, program, dg, plan, calib, damp=1e-9)
@@ -125,9 +126,15 @@ def test_corrected_refit_is_least_squares_to_the_dense_stream():
     dense, pruned = inputs_of(model, paths, x), inputs_of(rw.model, paths, x)
     w = model.layers[1].mlp.down_proj.weight.detach().double()
     target = dense[paths[1]] @ w.T + dense[paths[0]] - pruned[paths[0]]
-    want, *_ = np.linalg.lstsq(pruned[paths[1]].numpy(), target.numpy(), rcond=None)
-    got = rw.model.layers[1].mlp.down_proj.weight.detach().double().numpy()
-    np.testing.assert_allclose(got, want.T, rtol=1e-4, atol=1e-6)
+    feats = pruned[paths[1]].numpy()
+    if bias:  # the bias is refit as an intercept: it takes the drift's mean as well
+        feats = np.concatenate([feats, np.ones((len(feats), 1))], 1)
+    want, *_ = np.linalg.lstsq(feats, target.numpy(), rcond=None)
+    down = rw.model.layers[1].mlp.down_proj
+    np.testing.assert_allclose(down.weight.detach().double().numpy(), want[: HID // 2].T, rtol=1e-4, atol=1e-6)
+    if bias:
+        shift = down.bias.detach().double() - model.layers[1].mlp.down_proj.bias.detach().double()
+        np.testing.assert_allclose(shift.numpy(), want[-1], rtol=1e-4, atol=1e-6)
 
 
 def test_correction_brings_the_output_closer_to_the_dense_model():
@@ -178,3 +185,34 @@ def test_prune_reports_correction_and_can_turn_it_off(importance):
     w_on = on.model.model.layers[1].mlp.down_proj.weight
     w_off = off.model.model.layers[1].mlp.down_proj.weight
     assert w_on.shape == w_off.shape and not torch.allclose(w_on, w_off)
+
+
+def _tiny(arch):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0))
+    if arch == "opt":  # flattens the stream to (tokens, hidden) before its MLP
+        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, ffn_dim=64, max_position_embeddings=64,
+                                              word_embed_proj_dim=32))
+    return tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2,
+                                                intermediate_size=64, head_dim=8))
+
+
+@pytest.mark.parametrize("arch, corrected", [("gpt2", 4), ("opt", 4), ("gemma2", 0)])
+def test_hf_layouts_are_confirmed_or_refused_on_data(arch, corrected):
+    model = _tiny(arch).eval()
+    calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
+    res = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=("heads", "mlp"),
+                        calib=calib, reconstruct=True)
+    rep = res.report["reconstruct"]
+    assert rep["layers"] == 4 and rep["residual_corrected"] == corrected
+    if corrected:
+        assert rep["notes"] == []
+    else:  # Gemma-2 norms each sub-block's output before the add: refit plainly, and said so
+        assert len(rep["notes"]) == 2 and all("not a plain residual add" in n for n in rep["notes"])
+        assert all(n in res.report["notes"] for n in rep["notes"])

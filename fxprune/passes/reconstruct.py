@@ -180,8 +180,11 @@ def _refit(original: nn.Module, pruned: nn.Module, t: _Target, stats: dict[str, 
     if bias is None:
         a = _solve(w, stats["xx"], stats["gram"], prior, damp, len(t.kept_in), stats.get("drift"))
     else:  # refit the bias too (an intercept): FLAP's mean compensation, and more
+        drift = stats.get("drift")
+        if drift is not None:  # the intercept column's drift term: E^T 1
+            drift = torch.cat([drift, stats["drift_1"][:, None]], 1)
         a_aug = _solve(torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1),
-                       _augment_cross(stats), _augment_gram(stats), prior, damp, len(t.kept_in))
+                       _augment_cross(stats), _augment_gram(stats), prior, damp, len(t.kept_in), drift)
         a, shift = a_aug[:, :-1], a_aug[:, -1]
     old = mod.weight.detach().double()
     old = old if t.in_dim == 1 else old.T
@@ -217,7 +220,7 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
                 stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
                          "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
                 if t.path in dense_streams:
-                    stats["drift"] = stream_drift(t, dense_streams[t.path][0], streams.stream(t.path), xp)
+                    stats.update(stream_drift(t, dense_streams[t.path][0], streams.stream(t.path), xp))
                 _refit(original, pruned, t, stats, damp, errors)
             done.append(t.path)
             if drift and progress is not None:
@@ -275,17 +278,19 @@ def _dense_inputs(original: nn.Module, targets: list, batches: list[Any], taps: 
     return got, streams
 
 
-def stream_drift(t: _Target, dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
-    """``(h - h_p)^T X'``: the residual drift term of ``t``'s refit, for every output row of the dense
-    layer (the stream's width); rows the plan removes from the stream get zero, they are cut after
-    the solve."""
+def stream_drift(t: _Target, dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor,
+                 ) -> dict[str, torch.Tensor]:
+    """The residual drift terms of ``t``'s refit, ``E = h - h_p``: ``drift`` = E^T X' and, for an
+    intercept, ``drift_1`` = E^T 1. Every output row of the dense layer (the stream's width) is
+    covered; rows the plan removes from the stream get zero, they are cut after the solve."""
     dense_h = dense_h.double()
     if t.kept_out is None:
-        return (dense_h - pruned_h).T @ xp
-    out = torch.zeros(dense_h.shape[1], xp.shape[1], dtype=xp.dtype)
-    kept = torch.as_tensor(t.kept_out)
-    out[kept] = (dense_h[:, kept] - pruned_h).T @ xp
-    return out
+        e = dense_h - pruned_h
+    else:
+        kept = torch.as_tensor(t.kept_out)
+        e = torch.zeros_like(dense_h)
+        e[:, kept] = dense_h[:, kept] - pruned_h
+    return {"drift": e.T @ xp, "drift_1": e.sum(0)}
 
 
 def _head(batch: Any) -> Any:
@@ -333,8 +338,8 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
                 run_until_stopped(pruned, batch)
                 xp, x = seen.pop(), x.double()
                 if dense_streams is not None:
-                    d = stream_drift(t, dense_streams[i], streams.stream(t.path), xp)
-                    acc["drift"] = acc["drift"] + d if "drift" in acc else d
+                    for key, val in stream_drift(t, dense_streams[i], streams.stream(t.path), xp).items():
+                        acc[key] = acc[key] + val if key in acc else val
                 if t.in_dim == 1 and xp.shape[1] != len(t.kept_in):
                     raise FxpruneError(f"reconstruction: {t.path} sees {xp.shape[1]} inputs, "
                                        f"the plan keeps {len(t.kept_in)}")

@@ -114,8 +114,11 @@ def _check_block(block: str, layout: tuple[tuple[str, str], ...], seen: dict[str
         if missing:
             return f"{missing[0]} did not run"
         h, out, after = (seen[p].float() for p in parts)
-        if h.shape != out.shape or h.shape != after.shape:
-            return f"{linear} output {tuple(out.shape)} does not add onto the stream {tuple(h.shape)}"
+        if not (h.shape[-1] == out.shape[-1] == after.shape[-1] and h.numel() == out.numel() == after.numel()):
+            return (f"{linear} output {tuple(out.shape)} does not add onto the stream {tuple(h.shape)} "
+                    f"giving {tuple(after.shape)}")
+        # rows as the refit sees them (OPT flattens the stream to (tokens, hidden) inside its block)
+        h, out, after = (v.reshape(-1, v.shape[-1]) for v in (h, out, after))
         scale = float(after.abs().max()) or 1.0
         err = float((h + out - after).abs().max())
         if err > RTOL * scale + 1e-6:

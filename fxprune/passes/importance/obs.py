@@ -96,7 +96,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
                 stats = _moments(torch.cat(dense_in[c.path]).double(), xp)
                 if c.path in dense_streams:
                     target = _Target(c.path, 1, np.arange(xp.shape[1]), None)
-                    stats["drift"] = stream_drift(target, dense_streams[c.path][0], streams.stream(c.path), xp)
+                    stats.update(stream_drift(target, dense_streams[c.path][0], streams.stream(c.path), xp))
                 choose(c, stats)
                 if len(scores) == len(consumers):
                     raise _Stop  # the rest of the forward (an LM head's logits) is not needed
@@ -157,7 +157,10 @@ def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str,
     if bias is not None:  # an undamped intercept column, never removed
         sxp, n = stats["sxp"][:, None], stats["n"].reshape(1, 1)
         gram = torch.cat([torch.cat([gram, sxp], 1), torch.cat([sxp.T, n], 1)], 0)
-        c_mat = torch.cat([c_mat, w @ stats["sx"][:, None]], 1)
+        intercept = w @ stats["sx"][:, None]
+        if "drift_1" in stats:
+            intercept = intercept + stats["drift_1"][:, None]
+        c_mat = torch.cat([c_mat, intercept], 1)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     # the greedy's downdates run in LOOP_DTYPE (the final refit is solved again by the reconstruct pass)
     a = (c_mat @ hinv).to(LOOP_DTYPE)
