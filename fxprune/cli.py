@@ -158,7 +158,8 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
-        refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill, recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
+        refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill,
+        recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
         recover_data=recover_data,
     )
     report = result.report

@@ -81,7 +81,7 @@ def test_dense_check_rejects_a_block_whose_output_is_not_a_plain_residual_add():
     model = Stack(post_norm=(False, True, False)).eval()
     paths = [f"layers.{i}.mlp.down_proj" for i in range(3)]
     x = torch.randn(5, D)
-    taps, notes = check_taps(model, find_taps(model, paths), lambda: model(x))
+    taps, notes = check_taps(model, find_taps(model, paths), (x, torch.zeros(5, D)))
     assert set(taps) == {"layers.0.mlp.down_proj", "layers.2.mlp.down_proj"}
     assert len(notes) == 1 and "layers.1" in notes[0] and "down_proj" in notes[0]
 

@@ -52,7 +52,7 @@ from ..depgraph import DependencyGraph
 from ..errors import FxpruneError
 from ..plan import Plan
 from .importance.taylor import run_batch
-from .residual import StreamRecorder, Tap, check_taps, find_taps
+from .residual import StreamRecorder, Tap, check_taps, drift_terms, find_taps
 from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
 
 ONE_PASS_BYTES = 1 << 30  # dense inputs kept for a single-pass refit (float32, all refit layers)
@@ -147,7 +147,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
     widths = [(t.path, t.in_dim) for t in targets] + [(t.path, 1 - t.in_dim) for t in targets if t.path in taps]
     batches = stack_windows(batches, one_pass_rows(original, widths, batches))
     try:
-        taps, notes = check_taps(original, taps, lambda: run_batch(original, _head(batches[0])))
+        taps, notes = check_taps(original, taps, batches[0])
         dense_inputs, dense_streams = _dense_inputs(original, targets, batches, taps)
         if len(batches) == 1:
             _refit_in_one_pass(original, pruned, targets, dense_inputs, dense_streams, taps, batches[0], damp,
@@ -220,7 +220,7 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
                 stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
                          "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
                 if t.path in dense_streams:
-                    stats.update(stream_drift(t, dense_streams[t.path][0], streams.stream(t.path), xp))
+                    stats.update(drift_terms(dense_streams[t.path][0], streams.stream(t.path), xp, t.kept_out))
                 _refit(original, pruned, t, stats, damp, errors)
             done.append(t.path)
             if drift and progress is not None:
@@ -278,26 +278,6 @@ def _dense_inputs(original: nn.Module, targets: list, batches: list[Any], taps: 
     return got, streams
 
 
-def stream_drift(t: _Target, dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor,
-                 ) -> dict[str, torch.Tensor]:
-    """The residual drift terms of ``t``'s refit, ``E = h - h_p``: ``drift`` = E^T X' and, for an
-    intercept, ``drift_1`` = E^T 1. Every output row of the dense layer (the stream's width) is
-    covered; rows the plan removes from the stream get zero, they are cut after the solve."""
-    dense_h = dense_h.double()
-    if t.kept_out is None:
-        e = dense_h - pruned_h
-    else:
-        kept = torch.as_tensor(t.kept_out)
-        e = torch.zeros_like(dense_h)
-        e[:, kept] = dense_h[:, kept] - pruned_h
-    return {"drift": e.T @ xp, "drift_1": e.sum(0)}
-
-
-def _head(batch: Any) -> Any:
-    """A small part of a batch, enough for the residual check (token ids: two windows)."""
-    return batch[:2] if isinstance(batch, torch.Tensor) and batch.dim() == 2 else batch
-
-
 def one_pass_rows(model: nn.Module, consumers: list[tuple[str, int]], batches: list[Any]) -> int:
     """Windows per forward such that the dense inputs of all ``consumers`` (module path, input dim)
     stay within :data:`ONE_PASS_BYTES`; at least one."""
@@ -338,7 +318,7 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
                 run_until_stopped(pruned, batch)
                 xp, x = seen.pop(), x.double()
                 if dense_streams is not None:
-                    for key, val in stream_drift(t, dense_streams[i], streams.stream(t.path), xp).items():
+                    for key, val in drift_terms(dense_streams[i], streams.stream(t.path), xp, t.kept_out).items():
                         acc[key] = acc[key] + val if key in acc else val
                 if t.in_dim == 1 and xp.shape[1] != len(t.kept_in):
                     raise FxpruneError(f"reconstruction: {t.path} sees {xp.shape[1]} inputs, "

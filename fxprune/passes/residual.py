@@ -8,8 +8,9 @@ output ``W_dense x_dense``, so the drift passes on unchanged. Aiming it instead 
 well as the kept columns allow, so errors stop piling up across layers. In the least-squares
 solution this adds ``(h - h_p)^T X'`` to the right-hand side (the "asymmetric" calibration of
 GPTAQ, applied to structured pruning). Measured on SmolLM2-135M (held-out perplexity / dense, three
-disjoint slices): obs MLP 20% 1.590 / 1.663 / 1.543 -> 1.568 / 1.642 / 1.534; obs heads+MLP 50%
-5.13 / 7.22 / 5.46 -> 4.89 / 6.94 / 5.04.
+disjoint slices), obs at damp 3: MLP 20% 1.590 / 1.663 / 1.543 -> 1.568 / 1.642 / 1.534; heads+MLP
+50% 5.13 / 7.22 / 5.46 -> 4.89 / 6.94 / 5.04. The correction makes stronger damping pay: at damp 8,
+1.548 / 1.629 / 1.516 and 4.32 / 5.94 / 4.60 (the plain refit is worse at damp 8 than at 3).
 
 Which value is the stream ``h`` comes from a rule table (data, not code): for each known block
 layout, its sub-blocks in order as (module whose input is the stream, Linear whose output is added
@@ -25,8 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from .importance.taylor import run_batch
 
 # per block layout: (module reading the residual stream, Linear whose output is added back to it)
 SUBBLOCKS: tuple[tuple[tuple[str, str], ...], ...] = (
@@ -41,10 +45,8 @@ RTOL = 1e-4  # of the dense check, relative to the stream's largest magnitude (f
 class Tap:
     """Where a residual writer's stream is read: ``stream`` is the module whose input it is."""
 
-    consumer: str  # the Linear's path
     block: str  # the block holding both
     stream: str  # path of the module whose first input is the residual stream
-    index: int  # sub-block position in the layout
     layout: tuple[tuple[str, str], ...]
 
 
@@ -54,18 +56,19 @@ def find_taps(model: nn.Module, paths: list[str]) -> dict[str, Tap]:
     taps: dict[str, Tap] = {}
     for path in paths:
         for layout in SUBBLOCKS:
-            for i, (stream, linear) in enumerate(layout):
+            for stream, linear in layout:
                 if not path.endswith("." + linear):
                     continue
                 block = path[: -len(linear) - 1]
                 if all(f"{block}.{s}" in names and f"{block}.{lin}" in names for s, lin in layout):
-                    taps[path] = Tap(path, block, f"{block}.{stream}", i, layout)
+                    taps[path] = Tap(block, f"{block}.{stream}", layout)
     return taps
 
 
-def check_taps(model: nn.Module, taps: dict[str, Tap], run: Any) -> tuple[dict[str, Tap], list[str]]:
+def check_taps(model: nn.Module, taps: dict[str, Tap], batch: Any) -> tuple[dict[str, Tap], list[str]]:
     """Keep the taps whose block the dense model confirms (see the module docstring) on one forward
-    ``run()``; return them and a note per block that failed."""
+    over the start of calibration ``batch`` (token ids: two windows); return them and a note per
+    block that failed."""
     if not taps:
         return {}, []
     blocks = {t.block: t.layout for t in taps.values()}
@@ -88,7 +91,7 @@ def check_taps(model: nn.Module, taps: dict[str, Tap], run: Any) -> tuple[dict[s
             lambda _m, _a, out, k=block: keep(k, out[0] if isinstance(out, (tuple, list)) else out)))
     try:
         with torch.no_grad():
-            run()
+            run_batch(model, batch[:2] if isinstance(batch, torch.Tensor) and batch.dim() == 2 else batch)
     except _Done:
         pass
     finally:
@@ -124,6 +127,22 @@ def _check_block(block: str, layout: tuple[tuple[str, str], ...], seen: dict[str
         if err > RTOL * scale + 1e-6:
             return f"stream + {linear} differs from the next stream by {err:.2g} (not a plain residual add)"
     return None
+
+
+def drift_terms(dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor,
+                kept_out: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """A writer's drift terms for the refit, ``E = h - h_p`` (dense minus pruned stream, rows =
+    tokens): ``drift`` = E^T X' and, for an intercept, ``drift_1`` = E^T 1. Every output row of the
+    dense layer (the stream's width) is covered; with ``kept_out`` (the stream itself pruned) the
+    other rows get zero, they are cut after the solve."""
+    dense_h = dense_h.double()
+    if kept_out is None:
+        e = dense_h - pruned_h
+    else:
+        kept = torch.as_tensor(kept_out)
+        e = torch.zeros_like(dense_h)
+        e[:, kept] = dense_h[:, kept] - pruned_h
+    return {"drift": e.T @ xp, "drift_1": e.sum(0)}
 
 
 class StreamRecorder:

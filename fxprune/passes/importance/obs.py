@@ -56,10 +56,9 @@ class _Consumer:
 
 def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     """Greedy OBS removal order per group, sequential over layers (see the module docstring)."""
-    from ..reconstruct import (_collect, _dense_inputs, _flat_input, _head, _Stop, _Target, one_pass_rows,  # no cycle
-                               run_until_stopped, stream_drift)
-    from ..residual import StreamRecorder, check_taps, find_taps
-    from .taylor import run_batch
+    from ..reconstruct import (_collect, _dense_inputs, _flat_input, _Stop, _Target, one_pass_rows,  # no import cycle
+                               run_until_stopped)
+    from ..residual import StreamRecorder, check_taps, drift_terms, find_taps
 
     if req.keep is None:
         raise FxpruneError("importance 'obs' ranks within each group: use local ranking (--mode local)")
@@ -69,7 +68,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     taps = find_taps(req.model, [c.path for c in consumers]) if req.residual_correction else {}
     widths = [(c.path, 1) for c in consumers] + [(c.path, 0) for c in consumers if c.path in taps]
     batches = stack_windows(req.batches, one_pass_rows(req.model, widths, req.batches))
-    taps, _ = check_taps(req.model, taps, lambda: run_batch(req.model, _head(batches[0])))  # reconstruct reports
+    taps, _ = check_taps(req.model, taps, batches[0])  # the reconstruct pass reports the refused blocks
     dense_in, dense_streams = _dense_inputs(req.model, consumers, batches, taps)
     work = copy.deepcopy(req.model).eval()
     scores: dict[str, np.ndarray] = {}
@@ -95,8 +94,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
                 xp = _flat_input(args[0])
                 stats = _moments(torch.cat(dense_in[c.path]).double(), xp)
                 if c.path in dense_streams:
-                    target = _Target(c.path, 1, np.arange(xp.shape[1]), None)
-                    stats.update(stream_drift(target, dense_streams[c.path][0], streams.stream(c.path), xp))
+                    stats.update(drift_terms(dense_streams[c.path][0], streams.stream(c.path), xp))
                 choose(c, stats)
                 if len(scores) == len(consumers):
                     raise _Stop  # the rest of the forward (an LM head's logits) is not needed
