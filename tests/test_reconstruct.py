@@ -1,6 +1,7 @@
 """Reconstruction pass: the refit is the least-squares solution, lowers error, keeps shapes."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -160,6 +161,28 @@ def test_one_pass_rows_follow_the_memory_budget(monkeypatch):
     monkeypatch.setattr(rc, "ONE_PASS_BYTES", per_row // 2)
     assert rc.one_pass_rows(model, [("1", 1), ("0", 1)], ids) == 1  # always at least one window
     assert rc.one_pass_rows(model, [("1", 1)], [(torch.zeros(3, 8), torch.zeros(3, 4))]) == 1  # not token ids
+
+
+def test_one_pass_budget_is_a_quarter_of_available_memory_clamped(monkeypatch):
+    import fxprune.passes.reconstruct as rc
+
+    monkeypatch.setattr(rc, "ONE_PASS_BYTES", None)
+    gib = 1 << 30
+    for available, budget in [(20 * gib, 5 * gib), (2 * gib, gib), (100 * gib, 8 * gib), (None, gib)]:
+        monkeypatch.setattr(rc, "_available_memory", lambda a=available: a)
+        assert rc.one_pass_budget() == budget
+    monkeypatch.setattr(rc, "ONE_PASS_BYTES", 12345)  # a fixed budget wins over the machine's memory
+    assert rc.one_pass_budget() == 12345
+
+
+def test_available_memory_reads_meminfo():
+    import fxprune.passes.reconstruct as rc
+
+    got = rc._available_memory()
+    if os.path.exists("/proc/meminfo"):
+        assert got is not None and got > 0
+    else:
+        assert got is None
 
 
 @pytest.mark.parametrize("rows", [None, 2])  # one pass over all windows; or 3 batches, layer by layer
