@@ -119,6 +119,33 @@ def test_prune_with_reconstruct_on_llama_lowers_loss_and_leaves_user_model():
         assert torch.equal(v, before[k]), k
 
 
+def test_few_calibration_tokens_are_noted():
+    import fxprune.passes.reconstruct as rc
+
+    model = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 4))
+    targets = [rc._Target("1", 1, np.arange(16), None), rc._Target("0", 1, np.arange(4), None)]
+    (note,) = rc.few_tokens_note(model, targets, [torch.zeros(2, 16, dtype=torch.long)])  # 32 tokens, 32 wide
+    assert "32 calibration tokens for inputs up to 32 wide (1)" in note
+    assert rc.few_tokens_note(model, targets, [torch.zeros(2, 16, dtype=torch.long)] * 2) == []  # 64 = 2 x 32
+    assert rc.few_tokens_note(model, targets, [torch.zeros(2, 8)]) == []  # not token ids: count unknown
+    assert rc.few_tokens_note(model, [], [torch.zeros(2, 16, dtype=torch.long)]) == []
+
+
+def test_prune_report_notes_few_calibration_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    calib = torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(3))
+    kw = dict(ratio=0.3, importance="l2", targets=("mlp",), reconstruct=True)
+    few = fxprune.prune(model, {"input_ids": calib[:2]}, calib=calib[:2], **kw)  # 48 tokens, 64-wide down_proj
+    enough = fxprune.prune(model, {"input_ids": calib[:2]}, calib=calib, **kw)  # 192 tokens
+    assert any("48 calibration tokens for inputs up to 64 wide" in n for n in few.report["notes"])
+    assert not any("calibration tokens" in n for n in enough.report["notes"])
+
+
 def tiny_llama_plan(targets):
     """A 2-layer Llama, its capture, groups and an l2 plan removing 30% over ``targets``, and 6 windows."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -206,7 +206,7 @@ def _tiny(arch):
 @pytest.mark.parametrize("arch, corrected", [("gpt2", 4), ("opt", 4), ("gemma2", 0)])
 def test_hf_layouts_are_confirmed_or_refused_on_data(arch, corrected):
     model = _tiny(arch).eval()
-    calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
+    calib = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(3))
     res = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=("heads", "mlp"),
                         calib=calib, reconstruct=True)
     rep = res.report["reconstruct"]
