@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fxprune prune smollm2-135m --ratio 0.2 --importance obs --damp 8 \
+	$(VENV)/bin/fxprune prune smollm2-135m --ratio 0.2 --importance obs --damp 8 --calib-samples 40 \
 		--layers 3:29 --targets mlp --out $(DEMO_OUT) --force --onnx --eval
 
 test: $(STAMP)
