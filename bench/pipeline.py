@@ -8,7 +8,9 @@ tool runs in its own fresh process (the script calls itself with ``--only TOOL``
                    ``result.report["timings"]``: capture, groups, importance (gradients included),
                    select, rewrite, verify (+ any stage a newer fxprune adds); ``call_s`` is the whole
                    ``fxprune.prune`` call (it also builds the report: MACs before/after)
-    fxprune-bf16   the same with the gradients under bf16 autocast (``precision="bfloat16"``)
+    fxprune-bf16   the same with the gradients under bf16 autocast (``precision="bfloat16"``); on a CPU
+                   without bf16 instructions fxprune runs float32 instead (its line then says
+                   ``"bf16_native": false``)
     torch-pruning  build (MetaPruner: dependency graph), gradients (10 backward passes), importance
                    (the Taylor scorer's own calls inside step), prune (the rest of step)
 
@@ -80,8 +82,10 @@ def run_fxprune(args: argparse.Namespace) -> dict[str, Any]:
         profiler.disable()
     call, cpu = time.perf_counter() - t0, time.process_time() - c0
     stages = {k: round(v, 3) for k, v in res.report["timings"].items()}
+    from fxprune.passes.importance.taylor import native_bf16
     record = {"method": args.only, "settings": {k: v for k, v in kwargs.items() if k not in FX_SETTINGS}, "stages": stages, "total_s": stages.get("total_s"), "call_s": round(call, 3),
-              "cpu_s": round(cpu, 1), "removed": round(res.report["removed_fraction"], 4), "params": res.report["params_after"]}
+              "cpu_s": round(cpu, 1), "removed": round(res.report["removed_fraction"], 4), "params": res.report["params_after"],
+              "bf16_native": native_bf16()}
     if profiler:
         record["profile_top"] = profile_top(profiler, args.profile_top)
     return record

@@ -23,7 +23,7 @@ from .data import stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
-from .passes.importance.taylor import check_precision
+from .passes.importance.taylor import check_precision, effective_precision
 from .passes.recovery import check_distill, check_schedule, recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
@@ -140,7 +140,8 @@ def prune(
             Measured best on SmolLM2 at 20%: 0.5 (overfits 10 calibration windows less than text only).
         precision: forward/backward precision of the gradient importance passes: ``float32`` or
             ``bfloat16`` (autocast; measured 2x faster Taylor on a bf16-capable CPU, 99% of the same
-            channels removed). Weights, gradients and the pruned model stay float32.
+            channels removed). Weights, gradients and the pruned model stay float32. On a CPU
+            without bf16 instructions it runs float32 and the report's notes say so.
         recover_schedule: recovery's learning rate: ``constant``, or ``cosine`` decay to 0 over
             ``recover_steps``.
         lr: AdamW learning rate of the LoRA fine-tuning (iterative and recovery), > 0.
@@ -167,6 +168,7 @@ def prune(
     if aggregate not in AGGREGATES:
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
     check_precision(precision)
+    precision, precision_note = effective_precision(precision, model) if isinstance(model, nn.Module) else (precision, None)
     check_schedule(recover_schedule)
     check_options(steps=steps, prune_every=prune_every, ema=ema, recover_steps=recover_steps, lr=lr,
                   lora_rank=lora_rank)
@@ -182,6 +184,7 @@ def prune(
     if plan is None and not 0.0 < float(ratio) < 1.0:
         raise FxpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
     importance_fn = get_importance(importance) if plan is None else None
+    gradient_pass = plan is None and not iterative and importance in NEEDS_DATA - SELECTS  # runs at `precision`
     reconstruct = reconstruct or refit_all
     if plan is None and importance in SELECTS:
         if iterative:
@@ -267,7 +270,8 @@ def prune(
     t = time.perf_counter()
     say("verify")
     pruned_model, notes = _check_eager(rw.model, rw.graph_module, example_inputs,
-                                       rw.notes + (recon.get("notes", []) if reconstruct else []))
+                                       ([precision_note] if precision_note and gradient_pass else []) + rw.notes
+                                       + (recon.get("notes", []) if reconstruct else []))
     timings["verify_s"] = time.perf_counter() - t
     recovery = None
     if recover_steps:

@@ -395,6 +395,24 @@ def test_bfloat16_taylor_ranks_like_float32(llama):
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
 
 
+def test_bfloat16_without_cpu_support_runs_float32_with_a_note(llama, monkeypatch):
+    """prune(precision="bfloat16") on a CPU that would emulate bf16 (17x slower) runs the gradients
+    in float32: the same plan as float32, and a note that says why."""
+    model, _, _, batches = llama
+    taylor_mod = importlib.import_module("fxprune.passes.importance.taylor")
+    kwargs = dict(ratio=0.3, importance="taylor-element1", calib=batches)
+    fp32 = fxprune.prune(model, {"input_ids": batches[0]}, **kwargs)
+    monkeypatch.setattr(taylor_mod, "native_bf16", lambda device="cpu": False)
+    fell_back = fxprune.prune(model, {"input_ids": batches[0]}, precision="bfloat16", **kwargs)
+    assert fell_back.plan.keep == fp32.plan.keep
+    assert any("no bf16 instructions" in n and "float32" in n for n in fell_back.report["notes"])
+    assert not any("bf16" in n for n in fp32.report["notes"])
+    l2 = fxprune.prune(model, {"input_ids": batches[0]}, ratio=0.3, precision="bfloat16")
+    assert not any("bf16" in n for n in l2.report["notes"]), "no gradient pass ran: nothing to say"
+    monkeypatch.setattr(taylor_mod, "native_bf16", lambda device="cpu": True)
+    assert taylor_mod.effective_precision("bfloat16", model) == ("bfloat16", None)
+
+
 def test_unknown_precision_is_a_clear_error(llama):
     model, dg, groups, batches = llama
     with pytest.raises(FxpruneError, match="unknown precision 'fp8'"):

@@ -161,6 +161,26 @@ def check_precision(precision: str) -> None:
         raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` runs bf16 matmuls natively. On a CPU without AVX512-BF16 or AMX, torch
+    emulates them: SmolLM2's Taylor gradients took 258 s in bf16 against 15 s in fp32 on an AVX2
+    EPYC. Other devices are left to torch."""
+    if device != "cpu":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def effective_precision(precision: str, model: nn.Module) -> tuple[str, str | None]:
+    """``(precision to run, note or None)``: ``bfloat16`` falls back to ``float32`` on a CPU
+    that would emulate it, because it was asked for speed."""
+    check_precision(precision)
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    if precision == "bfloat16" and not native_bf16(device):
+        return "float32", ("precision bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), "
+                           "so the gradient passes ran in float32; emulated bf16 measured ~17x slower")
+    return precision, None
+
+
 def autocast(precision: str, model: nn.Module) -> Any:
     """A context running the forward in ``precision``: ``bfloat16`` is torch's autocast (matmuls in
     bf16 with fp32 accumulation; weights and their gradients stay fp32), ``float32`` does nothing."""
