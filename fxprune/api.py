@@ -210,6 +210,7 @@ def prune(
     dg = dependency_graph(program)
     timings["groups_s"] = time.perf_counter() - t
     rewrite_from, history = program, None  # iterative runs rewrite their fine-tuned copy instead
+    solved: dict[str, Any] = {}  # an importance pass's by-products (obs: its refit)
 
     if plan is None:
         t = time.perf_counter()
@@ -243,6 +244,7 @@ def prune(
                 req.keep = {g.id: len(probe.keep.get(g.id, range(g.units))) for g in groups}
             with _importance_bar(say, importance, req.batches, len(groups)) as req.progress:
                 scores = importance_fn(req)
+            solved = req.by_products
             timings["importance_s"] = time.perf_counter() - t
             t = time.perf_counter()
             say("select")
@@ -258,13 +260,18 @@ def prune(
     timings["rewrite_s"] = time.perf_counter() - t
 
     if reconstruct:
-        from .passes.reconstruct import reconstruct as refit
+        from .passes.reconstruct import apply_refits, reconstruct as refit
 
         t = time.perf_counter()
         say("reconstruct")
         batches = _batches(calib)
-        recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp, drift=refit_all,
-                      residual_correction=residual_correction)
+        recon = None
+        if "refit" in solved and not refit_all:  # obs solved the refit while choosing: write it
+            recon = apply_refits(program.model, rw.model, program, dg, plan, solved["refit"], batches, damp=damp,
+                                 residual_corrected=solved["residual_corrected"], notes=solved["refit_notes"])
+        if recon is None:
+            recon = refit(program.model, rw.model, program, dg, plan, batches, damp=damp, drift=refit_all,
+                          residual_correction=residual_correction)
         timings["reconstruct_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

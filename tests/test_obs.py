@@ -134,3 +134,47 @@ def test_one_pass_and_layer_by_layer_choose_the_same(monkeypatch):
     monkeypatch.setattr(rc, "one_pass_rows", lambda *a: 2)  # 3 batches: measured consumer by consumer
     many = fxprune.prune(model, {"input_ids": calib[:2]}, **kw)
     assert one.plan.keep == many.plan.keep
+
+
+def test_prune_writes_the_refit_obs_solved_instead_of_solving_it_again():
+    """obs refits each consumer while it chooses: prune() writes that refit (record "source": "obs")
+    rather than running the reconstruct pass, and it fits the dense outputs as well as that pass."""
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
+    x, kw = {"input_ids": calib}, dict(targets=("heads", "mlp"), calib=calib, damp=1.0)
+    res = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="obs", **kw)
+    assert res.report["reconstruct"]["source"] == "obs" and res.report["reconstruct"]["layers"] == 4
+    assert "reconstruct_s" in res.report["timings"]
+    plain = fxprune.prune(model, {"input_ids": calib[:2]}, plan=res.plan, calib=calib)
+    solved = fxprune.prune(model, {"input_ids": calib[:2]}, plan=res.plan, reconstruct=True, **kw)
+    assert "source" not in solved.report["reconstruct"]  # a replayed plan has no obs refit: solved anew
+    ref = run_model(model, x)
+    err = {name: float((run_model(r.model, x) - ref).norm()) for name, r in
+           (("obs", res), ("plain", plain), ("solved", solved))}
+    assert err["obs"] < 0.8 * err["plain"]
+    assert err["obs"] == pytest.approx(err["solved"], rel=0.1)
+    assert torch.allclose(run_model(res.graph_module, x), run_model(res.model, x), atol=1e-5)
+    every = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="obs", refit_all=True, **kw)
+    assert "source" not in every.report["reconstruct"]  # refit_all refits more layers than obs did
+
+
+def test_apply_refits_declines_what_does_not_match_the_plan():
+    from fxprune.passes.reconstruct import Refit, apply_refits, refit_targets
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(3))
+    res = fxprune.prune(model, {"input_ids": calib[:2]}, ratio=0.3, importance="l2", targets=("mlp",))
+    program = fxprune.capture(model, {"input_ids": calib[:2]})
+    targets = refit_targets(model, program, res.dg, res.plan)
+    good = {t.path: Refit(model.get_submodule(t.path).weight.detach().clone(), None, t.kept_in) for t in targets}
+    before = {k: v.clone() for k, v in res.model.state_dict().items()}
+    kw = dict(damp=1.0, residual_corrected=0, notes=[])
+    shifted = {**good, targets[0].path: Refit(good[targets[0].path].weight, None, targets[0].kept_in[1:])}
+    assert apply_refits(model, res.model, program, res.dg, res.plan, shifted, [calib], **kw) is None
+    assert apply_refits(model, res.model, program, res.dg, res.plan, dict(list(good.items())[1:]), [calib], **kw) is None
+    assert all(torch.equal(v, before[k]) for k, v in res.model.state_dict().items()), "a declined call writes nothing"
+    rec = apply_refits(model, res.model, program, res.dg, res.plan, good, [calib], **kw)
+    assert rec["source"] == "obs" and rec["layers"] == len(targets)
+    t = targets[0]
+    assert torch.equal(res.model.get_submodule(t.path).weight,
+                       model.get_submodule(t.path).weight[:, torch.as_tensor(t.kept_in)])

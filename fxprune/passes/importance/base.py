@@ -9,7 +9,7 @@ into units through the member's index map, then :func:`aggregate` combines the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class ImportanceRequest:
     damp: float = 1.0  # reconstruct's relative ridge damping, for passes that rank with the refit in view
     precision: str = "float32"  # of the gradient passes' forward/backward: "float32" or "bfloat16" (autocast)
     residual_correction: bool = True  # refit residual writers against the dense stream (passes.residual)
+    # what a pass computed that a later stage can reuse, by name; obs leaves "refit" (a Refit per
+    # consumer path) and "refit_notes" so the reconstruct pass need not solve the same refit again
+    by_products: dict[str, Any] = field(default_factory=dict)
 
 
 def param(model: nn.Module, name: str) -> torch.Tensor:
