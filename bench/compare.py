@@ -56,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # "best": the preset measured best at each ratio (MLP-only at 50% leaves 3% of those channels);
 # held-out x dense, no fine-tuning: 20% reconstruct 1.74, obs 1.55; 50% heads-mlp 5.92, obs-heads-mlp 4.32
+# (4.03 since prune() writes obs's own refit instead of re-solving it: 171.6 against 184.0; 20% 1.546)
 BEST = {0.2: "obs", 0.5: "obs-heads-mlp"}
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
