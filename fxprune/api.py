@@ -23,7 +23,7 @@ from .data import stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
-from .passes.importance.taylor import check_precision, effective_precision
+from .passes.importance.taylor import effective_precision
 from .passes.recovery import check_distill, check_schedule, recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
@@ -167,8 +167,7 @@ def prune(
         raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(KIND_NAMES)}")
     if aggregate not in AGGREGATES:
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
-    check_precision(precision)
-    precision, precision_note = effective_precision(precision, model) if isinstance(model, nn.Module) else (precision, None)
+    precision, precision_note = effective_precision(precision, model)  # checks the name too
     check_schedule(recover_schedule)
     check_options(steps=steps, prune_every=prune_every, ema=ema, recover_steps=recover_steps, lr=lr,
                   lora_rank=lora_rank)

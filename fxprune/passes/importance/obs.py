@@ -80,11 +80,10 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
 
     def choose(c: _Consumer, stats: dict[str, torch.Tensor]) -> None:
         mod = work.get_submodule(c.path)
-        scores[c.group.id] = _greedy(mod, req.model.get_submodule(c.path), c, stats, req.damp)
-        removed = np.argsort(scores[c.group.id], kind="stable")[: c.group.units - _kept_units(c)]
+        scores[c.group.id], alive = _greedy(mod, req.model.get_submodule(c.path), c, stats, req.damp)
         bias = getattr(mod, "bias", None)
-        refits[c.path] = Refit(mod.weight.detach(), None if bias is None else bias.detach(),
-                               np.nonzero(~np.isin(c.unit_of, removed))[0])
+        kept_in = np.nonzero((c.unit_of < 0) | alive[np.maximum(c.unit_of, 0)])[0]  # columns outside the group stay
+        refits[c.path] = Refit(mod.weight.detach(), None if bias is None else bias.detach(), kept_in)
         if req.progress is not None:
             req.progress("obs", len(scores))
 
@@ -129,12 +128,6 @@ def _moments(x: torch.Tensor, xp: torch.Tensor) -> dict[str, torch.Tensor]:
             "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
 
 
-def _kept_units(c: _Consumer) -> int:
-    """Units the greedy keeps: ``c.keep`` rounded down to whole GQA blocks, as its quotas do."""
-    blocks = c.group.units // c.group.block if c.group.block else 1
-    return (c.keep // blocks) * blocks
-
-
 def _consumer(req: ImportanceRequest, g: Group) -> _Consumer:
     """The one Linear of ``g`` whose *input* dim holds the group's units."""
     from ..reconstruct import INPUT_DIM
@@ -154,9 +147,10 @@ def _consumer(req: ImportanceRequest, g: Group) -> _Consumer:
 
 
 def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str, torch.Tensor],
-            damp: float) -> np.ndarray:
+            damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Choose ``c``'s removed units from the input moments (dense ``x``, pruned-so-far ``x'``); write the
-    refit into ``mod`` (removed columns zeroed) so later layers see the pruned model; return scores."""
+    refit into ``mod`` (removed columns zeroed) so later layers see the pruned model; return the scores
+    and which units it kept (a bool per unit)."""
     g = c.group
     w = dense_mod.weight.detach().double()  # (out, in)
     n_in = w.shape[1]
@@ -221,7 +215,7 @@ def _greedy(mod: nn.Module, dense_mod: nn.Module, c: _Consumer, stats: dict[str,
         mod.weight.copy_(a[:, :n_in].to(mod.weight.dtype))
         if bias is not None:
             bias.add_(a[:, n_in].to(bias.dtype))
-    return scores
+    return scores, alive
 
 
 def _costs(a: torch.Tensor, hinv: torch.Tensor, per_unit: torch.Tensor) -> np.ndarray:

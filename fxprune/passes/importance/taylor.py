@@ -161,6 +161,12 @@ def check_precision(precision: str) -> None:
         raise FxpruneError(f"unknown precision '{precision}'; choose {' or '.join(PRECISIONS)}")
 
 
+def _device(model: Any) -> str:
+    """The device type of ``model``'s parameters ("cpu" when it has none or is not a module)."""
+    params = model.parameters() if isinstance(model, nn.Module) else ()
+    return next((p.device.type for p in params), "cpu")
+
+
 def native_bf16(device: str = "cpu") -> bool:
     """Whether ``device`` runs bf16 matmuls natively. On a CPU without AVX512-BF16 or AMX, torch
     emulates them: SmolLM2's Taylor gradients took 258 s in bf16 against 15 s in fp32 on an AVX2
@@ -170,12 +176,11 @@ def native_bf16(device: str = "cpu") -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def effective_precision(precision: str, model: nn.Module) -> tuple[str, str | None]:
+def effective_precision(precision: str, model: Any) -> tuple[str, str | None]:
     """``(precision to run, note or None)``: ``bfloat16`` falls back to ``float32`` on a CPU
     that would emulate it, because it was asked for speed."""
     check_precision(precision)
-    device = next((p.device.type for p in model.parameters()), "cpu")
-    if precision == "bfloat16" and not native_bf16(device):
+    if precision == "bfloat16" and not native_bf16(_device(model)):
         return "float32", ("precision bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), "
                            "so the gradient passes ran in float32; emulated bf16 measured ~17x slower")
     return precision, None
@@ -187,8 +192,7 @@ def autocast(precision: str, model: nn.Module) -> Any:
     check_precision(precision)
     if precision == "float32":
         return contextlib.nullcontext()
-    device = next((p.device.type for p in model.parameters()), "cpu")
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return torch.autocast(device_type=_device(model), dtype=torch.bfloat16)
 
 
 def require_batches(req: ImportanceRequest, tag: str) -> list[Any]:
