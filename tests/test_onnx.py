@@ -258,3 +258,84 @@ def test_optimize_ort_fuses_into_onnxruntime_ops(tmp_path):
     fused = {op for domain, op in ops if domain == "com.microsoft"}
     assert {"SkipSimplifiedLayerNormalization", "MultiHeadAttention"} <= fused, ops
     assert ("", "Softmax") not in ops  # attention became one fused op
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_export_restores_stack_trace_flag_and_keeps_module_scopes(tmp_path, before, monkeypatch):
+    # the export turns per-node tracebacks off for speed; the user's setting must come back
+    monkeypatch.setattr(torch.fx.config, "do_not_emit_stack_traces", before)
+    model = tiny("llama")
+    path = tmp_path / "l.onnx"
+    export_onnx(model, path, example("llama"))
+    assert torch.fx.config.do_not_emit_stack_traces is before
+    props = [dict((p.key, p.value) for p in n.metadata_props) for n in onnx.load(str(path)).graph.node]
+    assert not any("pkg.torch.onnx.stack_trace" in p for p in props)
+    assert any("layers.1.self_attn" in p.get("namespace", "") for p in props)
+
+
+def _slice_model(ends_first: int, output_is_slice: bool = False):
+    """x -> Slice(0:ends_first on axis 1) -> Slice(0:2 on axis 1) -> Relu, as an onnx_ir model."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
+             [("zero", 0), ("end1", ends_first), ("two", 2), ("axis", 1), ("one", 1)]]
+    nodes = [helper.make_node("Slice", ["x", "zero", "end1", "axis", "one"], ["a"]),
+             helper.make_node("Slice", ["a", "zero", "two", "axis", "one"], ["b"])]
+    out = "b" if output_is_slice else "y"
+    if not output_is_slice:
+        nodes.append(helper.make_node("Relu", ["b"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+def test_noop_slices_are_dropped_and_real_ones_kept():
+    keep_all = _slice_model(2**63 - 1)
+    assert onnx_exp._drop_noop_slices_pass()(keep_all).modified
+    slices = [n for n in keep_all.graph if n.op_type == "Slice"]
+    assert len(slices) == 1 and slices[0].inputs[0].name == "x"  # the real slice now reads x itself
+    cut = _slice_model(3)  # 0:3 of 4 columns is a real slice
+    assert not onnx_exp._drop_noop_slices_pass()(cut).modified
+    assert sum(n.op_type == "Slice" for n in cut.graph) == 2
+
+
+def test_noop_slice_feeding_a_graph_output_is_kept():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
+             [("zero", 0), ("end", 2**63 - 1), ("axis", 1), ("one", 1)]]
+    graph = helper.make_graph([helper.make_node("Slice", ["x", "zero", "end", "axis", "one"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert not onnx_exp._drop_noop_slices_pass()(model).modified
+
+
+def test_multi_output_rule_guard_keeps_results_and_restores_the_rules():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+    from onnxscript import optimizer, rewriter
+
+    def halves():  # x[:, 2:] and x[:, :2]: SlicesSplit turns the pair into one Split
+        inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
+                 [("zero", 0), ("two", 2), ("four", 4), ("axis", 1)]]
+        # this order: the matcher pairs each Slice with every Slice, itself included, and stops
+        # at the first structural match, whose check then fails
+        nodes = [helper.make_node("Slice", ["x", "two", "four", "axis"], ["b"]),
+                 helper.make_node("Slice", ["x", "zero", "two", "axis"], ["a"]),
+                 helper.make_node("Mul", ["a", "b"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])], inits)
+        return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+    plain, guarded = halves(), halves()
+    optimizer.optimize(plain)
+    with onnx_exp._multi_output_rules_skip_other_ops():
+        multi = [r for r in rewriter._DEFAULT_REWRITE_RULES if not r._target_pattern.has_single_output_node]
+        assert multi and all("try_rewrite" in vars(r) for r in multi)
+        optimizer.optimize(guarded)
+    assert not any("try_rewrite" in vars(r) for r in rewriter._DEFAULT_REWRITE_RULES)
+    ops = [n.op_type for n in guarded.graph]
+    assert ops == [n.op_type for n in plain.graph] and "Split" in ops

@@ -11,6 +11,7 @@ that succeeded, so a failed export never leaves a half-written or wrong file beh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -280,8 +281,9 @@ def _light_optimize(model: Any) -> None:
 
     ir.passes.Sequential(
         common.InlinePass(),
-        ir.passes.PassManager([_Fold(), common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
-                               common.RemoveUnusedOpsetsPass()], steps=2, early_stop=True),
+        ir.passes.PassManager([_Fold(), _drop_noop_slices_pass(), common.RemoveUnusedNodesPass(),
+                               common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+                              steps=2, early_stop=True),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.LiftSubgraphInitializersToMainGraphPass(),
         common.DeduplicateInitializersPass(),
@@ -291,11 +293,85 @@ def _light_optimize(model: Any) -> None:
     )(model)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _drop_noop_slices_pass() -> Any:
+    """A pass removing ``Slice`` nodes that keep everything (starts 0, ends INT64_MAX, steps 1).
+
+    torch exports ``x[:, :, None]`` with such slices (four per Llama layer, in ``repeat_kv``); the
+    onnxscript rewriter's two-Slice pattern is matched over all pairs of Slice nodes, so each one
+    left in costs the ``ort`` fusions quadratically (SmolLM2: 339 slices, ~20 s).
+    """
+    import onnx_ir as ir
+
+    def const(value: Any) -> list[int] | None:
+        tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+        return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+
+    def keeps_all(node: ir.Node) -> bool:
+        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            return False
+        starts, ends = const(node.inputs[1]), const(node.inputs[2])
+        steps = const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+        return (starts is not None and ends is not None and steps is not None
+                and all(v == 0 for v in starts) and all(v == _INT64_MAX for v in ends)
+                and all(v == 1 for v in steps))
+
+    class DropNoOpSlices(ir.passes.InPlacePass):
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            modified = False
+            for node in list(model.graph):
+                out = node.outputs[0] if node.outputs else None
+                if out is None or out.is_graph_output() or not keeps_all(node):
+                    continue
+                ir.convenience.replace_all_uses_with(out, node.inputs[0])
+                model.graph.remove(node, safe=True)
+                modified = True
+            return ir.passes.PassResult(model, modified)
+
+    return DropNoOpSlices()
+
+
 def _ort_fusions(model: Any) -> None:
     """onnxscript's transformer fusions to onnxruntime contrib ops (``com.microsoft``), in place."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    optimize_for_ort(model)
+    with _multi_output_rules_skip_other_ops():
+        optimize_for_ort(model)
+
+
+@contextlib.contextmanager
+def _multi_output_rules_skip_other_ops() -> Iterator[None]:
+    """While active, onnxscript's default multi-output rewrite rules (``SlicesSplit``) skip nodes
+    whose op is not their pattern's first output op.
+
+    Its matcher indexes the whole graph by op type on every node it is tried at, before it looks at
+    the node's op: quadratic in the graph size (SmolLM2: ~15 of the ``ort`` level's 28 s). The
+    node would fail that first op check anyway, so skipping it changes no result.
+    """
+    from onnxscript import rewriter
+
+    patched = []
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        pattern = getattr(rule, "_target_pattern", None)
+        if pattern is None or getattr(pattern, "has_single_output_node", True):
+            continue
+        first = pattern.output_nodes[0].op_identifier()
+        if first is None or "try_rewrite" in vars(rule):
+            continue
+
+        def guarded(model: Any, graph: Any, node: Any, *, _try: Any = rule.try_rewrite,
+                    _op: str = first[1], **kwargs: Any) -> Any:
+            return _try(model, graph, node, **kwargs) if node.op_type == _op else None
+
+        rule.try_rewrite = guarded  # an instance attribute: shadows the method until removed
+        patched.append(rule)
+    try:
+        yield
+    finally:
+        for rule in patched:
+            del rule.try_rewrite
 
 
 def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
@@ -304,6 +380,10 @@ def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)
+    # the exporter's re-trace (run_decompositions) otherwise records a Python traceback per node
+    # it creates: about a third of the export's time, and _strip_stack_traces drops them anyway
+    traces = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
     with warnings.catch_warnings():
         # torch's own deprecation chatter (pytree LeafSpec, ...) is noise for fxprune users
         warnings.simplefilter("ignore", FutureWarning)
@@ -320,6 +400,7 @@ def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
             ) from exc
         finally:
             registry_log.setLevel(level)
+            torch.fx.config.do_not_emit_stack_traces = traces
 
 
 def _rename_io(model: Any, program: Program, in_names: list[str], out_names: list[str]) -> None:
