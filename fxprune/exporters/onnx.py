@@ -300,8 +300,8 @@ def _drop_noop_slices_pass() -> Any:
     """A pass removing ``Slice`` nodes that keep everything (starts 0, ends INT64_MAX, steps 1).
 
     torch exports ``x[:, :, None]`` with such slices (four per Llama layer, in ``repeat_kv``); the
-    onnxscript rewriter's two-Slice pattern is matched over all pairs of Slice nodes, so each one
-    left in costs the ``ort`` fusions quadratically (SmolLM2: 339 slices, ~20 s).
+    onnxscript rewriter's two-Slice rule scans the graph once per Slice it starts from, so each one
+    left in costs the ``ort`` fusions a graph pass (SmolLM2: 339 -> 213 slices, ~2 s).
     """
     import onnx_ir as ir
 
