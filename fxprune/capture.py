@@ -7,9 +7,10 @@ tensor of a ``ModelOutput`` (``logits`` or ``last_hidden_state``) becomes the gr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.fx.config
@@ -127,6 +128,21 @@ def _dynamic_spec(t: Any) -> Any:
     return spec
 
 
+@contextlib.contextmanager
+def no_node_tracebacks() -> Iterator[None]:
+    """While active, torch.fx records no Python traceback per created node (``stack_trace``).
+
+    Capture and the ONNX exporter's re-trace would otherwise extract one for every node: a sixth
+    of capture time, a third of ``torch.onnx.export``'s. The user's setting comes back afterwards.
+    """
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
+
+
 def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Program:
     """Export ``model`` on ``example_inputs`` into a :class:`Program` without changing the model.
 
@@ -151,10 +167,8 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
     dynamic = tuple(_dynamic_spec(t) for t in flat)
     was_training = [(m, m.training) for m in model.modules()]
     model.eval()
-    traces = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True  # a Python traceback per node: ~15% of export time
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_node_tracebacks():
             ep = None
             if stitch:
                 shallow_wrappers: list[_CaptureWrapper] = []  # a list: not a submodule of wrapper
@@ -176,7 +190,6 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {msg}") from exc
     finally:
-        torch.fx.config.do_not_emit_stack_traces = traces
         for m, mode in was_training:
             m.training = mode
     program = _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])

@@ -273,21 +273,25 @@ def test_export_restores_stack_trace_flag_and_keeps_module_scopes(tmp_path, befo
     assert any("layers.1.self_attn" in p.get("namespace", "") for p in props)
 
 
-def _slice_model(ends_first: int, output_is_slice: bool = False):
-    """x -> Slice(0:ends_first on axis 1) -> Slice(0:2 on axis 1) -> Relu, as an onnx_ir model."""
+def _ir_model(nodes: list, ints: dict[str, int], x_shape: list[int], out: str, out_shape=None):
+    """An onnx_ir model: input ``x`` (float), the given nodes, int64 scalar-list initializers."""
     import onnx_ir as ir
     from onnx import TensorProto, helper
 
-    inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
-             [("zero", 0), ("end1", ends_first), ("two", 2), ("axis", 1), ("one", 1)]]
-    nodes = [helper.make_node("Slice", ["x", "zero", "end1", "axis", "one"], ["a"]),
-             helper.make_node("Slice", ["a", "zero", "two", "axis", "one"], ["b"])]
-    out = "b" if output_is_slice else "y"
-    if not output_is_slice:
-        nodes.append(helper.make_node("Relu", ["b"], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    inits = [helper.make_tensor(name, TensorProto.INT64, [1], [v]) for name, v in ints.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], inits)
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+def _slice_model(ends_first: int):
+    """x -> Slice(0:ends_first on axis 1) -> Slice(0:2 on axis 1) -> Relu."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Slice", ["x", "zero", "end1", "axis", "one"], ["a"]),
+             helper.make_node("Slice", ["a", "zero", "two", "axis", "one"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    return _ir_model(nodes, {"zero": 0, "end1": ends_first, "two": 2, "axis": 1, "one": 1}, [2, 4], "y")
 
 
 def test_noop_slices_are_dropped_and_real_ones_kept():
@@ -301,34 +305,24 @@ def test_noop_slices_are_dropped_and_real_ones_kept():
 
 
 def test_noop_slice_feeding_a_graph_output_is_kept():
-    import onnx_ir as ir
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
-             [("zero", 0), ("end", 2**63 - 1), ("axis", 1), ("one", 1)]]
-    graph = helper.make_graph([helper.make_node("Slice", ["x", "zero", "end", "axis", "one"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    model = _ir_model([helper.make_node("Slice", ["x", "zero", "end", "axis", "one"], ["y"])],
+                      {"zero": 0, "end": 2**63 - 1, "axis": 1, "one": 1}, [2, 4], "y")
     assert not onnx_exp._drop_noop_slices_pass()(model).modified
 
 
 def test_multi_output_rule_guard_keeps_results_and_restores_the_rules():
-    import onnx_ir as ir
-    from onnx import TensorProto, helper
+    from onnx import helper
     from onnxscript import optimizer, rewriter
 
     def halves():  # x[:, 2:] and x[:, :2]: SlicesSplit turns the pair into one Split
-        inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
-                 [("zero", 0), ("two", 2), ("four", 4), ("axis", 1)]]
         # this order: the matcher pairs each Slice with every Slice, itself included, and stops
         # at the first structural match, whose check then fails
         nodes = [helper.make_node("Slice", ["x", "two", "four", "axis"], ["b"]),
                  helper.make_node("Slice", ["x", "zero", "two", "axis"], ["a"]),
                  helper.make_node("Mul", ["a", "b"], ["y"])]
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])], inits)
-        return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+        return _ir_model(nodes, {"zero": 0, "two": 2, "four": 4, "axis": 1}, [3, 4], "y", [3, 2])
 
     plain, guarded = halves(), halves()
     optimizer.optimize(plain)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..capture import Program, call_extras, capture, main_outputs, normalize_inputs
+from ..capture import Program, call_extras, capture, main_outputs, no_node_tracebacks, normalize_inputs
 from ..errors import FxpruneError, VerificationError
 
 # Weights above this many bytes go to ``<name>.data`` beside the model: protobuf caps a single
@@ -380,11 +380,8 @@ def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)
-    # the exporter's re-trace (run_decompositions) otherwise records a Python traceback per node
-    # it creates: about a third of the export's time, and _strip_stack_traces drops them anyway
-    traces = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
-    with warnings.catch_warnings():
+    # _strip_stack_traces would drop the exporter's per-node tracebacks anyway
+    with warnings.catch_warnings(), no_node_tracebacks():
         # torch's own deprecation chatter (pytree LeafSpec, ...) is noise for fxprune users
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -400,7 +397,6 @@ def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
             ) from exc
         finally:
             registry_log.setLevel(level)
-            torch.fx.config.do_not_emit_stack_traces = traces
 
 
 def _rename_io(model: Any, program: Program, in_names: list[str], out_names: list[str]) -> None:
