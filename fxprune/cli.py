@@ -225,8 +225,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"MACs (example input) {r['macs_before']:,} -> {r['macs_after']:,}")
     if r.get("recovery"):
         rec = r["recovery"]
-        lines.append(f"recovery: calibration loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f} "
-                     f"({rec['steps']} LoRA steps, merged)")
+        lines.append(f"recovery: loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f} on its first "
+                     f"{rec.get('loss_rows', '?')} windows ({rec['steps']} LoRA steps, merged)")
     if "ppl_before" in r:
         lines.append(f"perplexity {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} "
                      f"({r['ppl_after'] / r['ppl_before']:.2f}x) on {r['eval_tokens']:,} held-out tokens")

@@ -218,6 +218,22 @@ def test_recovery_on_separate_data(pruned_pair):
     assert r["loss_after"] < r["loss_before"]
 
 
+def test_recovery_loss_measured_on_first_rows(pruned_pair, monkeypatch):
+    # a large recover_data must not cost two full passes over it just to report the losses
+    from fxprune.passes import recovery
+
+    monkeypatch.setattr(recovery, "LOSS_ROWS", 4)
+    model, _, plain, _ = pruned_pair
+    other = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(9))
+    rec = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=CALIB,
+                        recover_steps=6, lr=1e-2, recover_data=other)
+    r = rec.report["recovery"]
+    assert r["loss_rows"] == 4
+    assert r["loss_before"] == pytest.approx(loss_of(plain.model, other[:4]), rel=1e-4)
+    assert r["loss_after"] == pytest.approx(loss_of(rec.model, other[:4]), rel=1e-4)
+    assert r["loss_before"] != pytest.approx(loss_of(plain.model, other), rel=1e-6)
+
+
 def kl_to_teacher(student, teacher, windows):
     """Mean per-position KL(teacher || student), computed here independently of fxprune."""
     with torch.no_grad():
