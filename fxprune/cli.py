@@ -135,6 +135,8 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
 
     if args.importance is not None and args.importance not in IMPORTANCES:
         raise FxpruneError(f"unknown importance '{args.importance}'; choose one of {', '.join(sorted(IMPORTANCES))}")
+    if args.recover_text is not None and (args.recover_steps <= 0 or args.recover_samples <= 0):
+        raise FxpruneError("--recover-text needs --recover-steps N and --recover-samples M (windows of that text)")
     model, tok = _load(args.model, say)
     calib = eval_windows = recover_data = None
     # iterative pruning and recovery fine-tune on the calibration text
@@ -148,7 +150,10 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
             calib, eval_windows = split_calib_eval(tok, text, args.calib_samples, args.calib_seqlen, args.eval_windows)
         else:
             calib = token_windows(tok, text, args.calib_samples, args.calib_seqlen)
-        if args.recover_samples:  # after the calibration and evaluation windows: disjoint from both
+        if args.recover_text is not None:  # another text: its first windows
+            recover_data = token_windows(tok, calibration_text(args.recover_text), args.recover_samples,
+                                         args.calib_seqlen)
+        elif args.recover_samples:  # after the calibration and evaluation windows: disjoint from both
             used = (args.calib_samples + (args.eval_windows if args.eval else 0)) * args.calib_seqlen
             recover_data = token_windows(tok, text, args.recover_samples, args.calib_seqlen, offset_tokens=used)
     plan = Plan.load(args.plan) if args.plan else None
@@ -327,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover-samples", type=int, default=0,
                     help="recovery windows taken from the text after the calibration (and --eval) windows; "
                          "0 = recover on the calibration windows")
+    pr.add_argument("--recover-text", metavar="FILE",
+                    help="take the --recover-samples windows from the start of FILE instead of the calibration "
+                         "text (e.g. text of another domain than the one you evaluate on)")
     pr.add_argument("--recover-schedule", choices=("constant", "cosine"), default="constant",
                     help="learning rate of the recovery steps: constant, or cosine decay to 0")
     pr.add_argument("--distill", type=float, nargs="?", const=1.0, default=0.0, metavar="W",

@@ -307,6 +307,27 @@ def test_cli_distill_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
     assert err[-1].startswith("fxprune: error: distill weight must be between 0") and not (tmp_path / "bad").exists()
 
 
+def test_cli_recover_text_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
+    d, text = tiny_dir_with_tokenizer
+    other = tmp_path / "other.txt"
+    other.write_text("a wholly different text about something else entirely. " * 40)
+    common = ["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
+              "--calib-seqlen", "8", "--recover-steps", "2", "--quiet"]
+    assert main([*common, "--recover-text", str(other), "--recover-samples", "3", "--out", str(tmp_path / "a")]) == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())["recovery"]
+    assert main([*common, "--recover-samples", "3", "--out", str(tmp_path / "b")]) == 0
+    b = json.loads((tmp_path / "b" / "report.json").read_text())["recovery"]
+    assert a["loss_rows"] == b["loss_rows"] == 3
+    # same pruned model, different recovery windows: the measured starting loss differs
+    assert a["loss_before"] != pytest.approx(b["loss_before"], rel=1e-6)
+    capsys.readouterr()
+    assert main([*common, "--recover-text", str(other), "--out", str(tmp_path / "c")]) == 2
+    assert "--recover-text needs" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main([*common, "--recover-text", str(tmp_path / "missing.txt"), "--recover-samples", "2",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "cannot read text file" in capsys.readouterr().err
+
+
 def test_cosine_recovery_schedule_decays_the_learning_rate(monkeypatch):
     from fxprune.passes import recovery as rec_mod
 
