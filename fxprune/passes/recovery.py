@@ -182,18 +182,20 @@ LOSS_ROWS = 32  # rows the before/after loss is measured on: on 320 recovery win
 LOSS_STACK = 8  # rows per forward of that measurement (larger matmuls, same row-weighted mean)
 
 
+def first_rows(batches: list[Any], n: int) -> list[Any]:
+    """The first batches of ``batches`` that hold at least ``n`` rows (all of them when fewer)."""
+    kept, rows = [], 0
+    for b in batches:
+        if rows >= n:
+            break
+        kept.append(b)
+        rows += _rows(b)
+    return kept
+
+
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: list[Any], max_rows: int | None = None) -> float:
-    """The calibration loss averaged over ``batches`` (weighted by rows), without gradients; with
-    ``max_rows``, over the first batches holding that many rows."""
-    if max_rows is not None:
-        kept, rows = [], 0
-        for b in batches:
-            if rows >= max_rows:
-                break
-            kept.append(b)
-            rows += _rows(b)
-        batches = kept
+def mean_loss(model: nn.Module, batches: list[Any]) -> float:
+    """The calibration loss averaged over ``batches`` (weighted by rows), without gradients."""
     total, rows = 0.0, 0
     for b in stack_windows(batches, LOSS_STACK):
         n = _rows(b)
@@ -230,8 +232,8 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     calibration loss: at 1 the pruned model learns to match the dense one only, not the text.
     Returns ``{"steps", "lr", "schedule", "rank", "adapted_layers", "loss", "trainable_params",
     "loss_before", "loss_after", "loss_rows", "train_loss_first", "train_loss_last", "seconds"}``; the
-    losses are the mean calibration loss over the first ``loss_rows`` rows of ``batches`` (all of them
-    up to :data:`LOSS_ROWS`).
+    losses are the mean calibration loss over the first ``loss_rows`` rows of ``batches``
+    (:func:`first_rows`, :data:`LOSS_ROWS`).
     """
     distill = check_distill(distill)
     if distill == 0:
@@ -242,7 +244,8 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     state = ModelState(model)
-    before = mean_loss(model, batches, LOSS_ROWS)
+    loss_batches = first_rows(batches, LOSS_ROWS)
+    before = mean_loss(model, loss_batches)
     handle = attach_lora(model, linear_modules(model), rank, seed)
     trainable = sum(p.numel() for p in handle.params)
     try:
@@ -261,12 +264,12 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     finally:
         merge_lora(model, handle)
         state.restore()
-    after = mean_loss(model, batches, LOSS_ROWS)
+    after = mean_loss(model, loss_batches)
     if not math.isfinite(after):
         raise FxpruneError("recovery produced non-finite weights; lower the learning rate")
     return {"steps": steps, "lr": lr, "schedule": schedule, "rank": rank, "adapted_layers": len(handle.modules),
             "loss": _loss_name(teacher, distill),
             "trainable_params": trainable, "loss_before": before, "loss_after": after,
-            "loss_rows": min(LOSS_ROWS, sum(_rows(b) for b in batches)),
+            "loss_rows": sum(_rows(b) for b in loss_batches),
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
             "seconds": time.perf_counter() - t0}
