@@ -82,9 +82,10 @@ BEST_RECOVERY = '{"recover_steps": 80, "lr": 4e-4, "recover_schedule": "cosine",
 # heads+MLP) 160 steps on 320 windows 75.71 (1.776x; 2.666x on the 10 calibration windows, 2.816x
 # on an earlier machine), 300 steps on 600 windows 64.51 (1.513x, recovery 376-396 s); 20% 300 on
 # 600 31.20 (0.732x, 477-488 s): below dense, so part of it is adaptation to wikitext, not recovery.
-# The same 300 steps on 600 windows of another domain (pydoc topics) do not help wikitext at all: 20% 67.37 (1.580x, against 1.546x without
-# recovery), 50% 186.1 (4.365x, against 4.025x); 50% with the KL to the dense model only (distill 1)
-# 181.8 (4.263x). What recovery regains here is specific to the text it sees.
+# The same 300 steps on 600 windows of another domain (pydoc topics) do not help wikitext at all:
+# 20% 67.37 (1.580x, against 1.546x without recovery), 50% 186.1 (4.365x, against 4.025x); 50% with
+# the KL to the dense model only (distill 1) 181.8 (4.263x). What recovery regains is specific to
+# the text it sees.
 LONG_RECOVERY = ('{"recover_steps": 300, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.5, '
                  '"recover_windows": 600}')
 
