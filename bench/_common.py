@@ -63,6 +63,19 @@ def calib_eval_windows(tok: Any, calib_n: int, seqlen: int, eval_n: int) -> tupl
     return allw[:calib_n], allw[calib_n + GAP_WINDOWS:]
 
 
+def recovery_windows(tok: Any, n: int, seqlen: int, source: str, after_windows: int) -> Any:
+    """``n`` recovery windows: ``wikitext``, from the data file after its first ``after_windows``
+    windows (past the calibration and evaluation slices, so disjoint from both, but the evaluation's
+    own domain), or ``pydoc``, CPython's pydoc topics (English about Python: no wikitext seen)."""
+    from fxprune.data import calibration_text, token_windows
+
+    if source == "pydoc":
+        return token_windows(tok, calibration_text(None), n, seqlen)
+    if source != "wikitext":
+        raise SystemExit(f"recovery text must be wikitext or pydoc, got {source!r}")
+    return token_windows(tok, DATA.read_text(encoding="utf-8"), n, seqlen, offset_tokens=after_windows * seqlen)
+
+
 def run_child(script: str, args: list[str], timeout: float | None = None) -> list[dict[str, Any]]:
     """Run ``python script *args`` and return its JSON stdout lines; stderr streams through.
 

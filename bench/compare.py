@@ -38,8 +38,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from _common import (DATA, MODEL, calib_eval_windows, emit, import_tp, log, missing_prerequisite, peak_rss_mb,
-                     run_child, taylor_gradients, tp_pruner, tp_ratio_for)
+from _common import (DATA, GAP_WINDOWS, MODEL, calib_eval_windows, emit, import_tp, log, missing_prerequisite,
+                     peak_rss_mb, recovery_windows, run_child, taylor_gradients, tp_pruner, tp_ratio_for)
 
 BENCH = "compare"
 TP_LAYERS = range(3, 29)
@@ -173,21 +173,6 @@ def run_tp(model: Any, calib: Any, args: argparse.Namespace, kind: str) -> dict[
                          "channels_removed_per_layer": per_layer}}
 
 
-def recovery_windows(args: argparse.Namespace, n: int, source: str) -> Any:
-    """``n`` recovery windows: ``wikitext``, from after the evaluation slice (disjoint from calibration
-    and evaluation, but the evaluation's own domain), or ``pydoc``, CPython's pydoc topics (English
-    about Python: no wikitext seen in recovery)."""
-    from _common import GAP_WINDOWS
-    from fxprune.data import calibration_text, token_windows
-
-    if source == "pydoc":
-        return token_windows(args.tokenizer, calibration_text(None), n, args.seqlen)
-    if source != "wikitext":
-        raise SystemExit(f"recover_text must be wikitext or pydoc, got {source!r}")
-    used = (args.calib_samples + GAP_WINDOWS + args.windows) * args.seqlen
-    return token_windows(args.tokenizer, DATA.read_text(encoding="utf-8"), n, args.seqlen, offset_tokens=used)
-
-
 def run_fx(model: Any, calib: Any, args: argparse.Namespace, ratio: float, recovery: str) -> dict[str, Any]:
     import fxprune
 
@@ -200,7 +185,8 @@ def run_fx(model: Any, calib: Any, args: argparse.Namespace, ratio: float, recov
     n_rec = kwargs.pop("recover_windows", 0)
     source = kwargs.pop("recover_text", "wikitext")
     if n_rec:
-        kwargs["recover_data"] = recovery_windows(args, n_rec, source)
+        kwargs["recover_data"] = recovery_windows(args.tokenizer, n_rec, args.seqlen, source,
+                                                  args.calib_samples + GAP_WINDOWS + args.windows)
     t0 = time.perf_counter()
     res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=ratio, calib=calib, **kwargs)
     wall = time.perf_counter() - t0

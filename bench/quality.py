@@ -49,13 +49,12 @@ def main() -> None:
     text = DATA.read_text()
     gap = 20  # windows between calibration and evaluation
     n_eval_end = args.calib_samples + gap + args.windows
-    allw = token_windows(tok, text, n_eval_end + args.recover_windows, args.seqlen)
+    allw = token_windows(tok, text, n_eval_end, args.seqlen)
     calib, evalw = allw[: args.calib_samples], allw[args.calib_samples + gap : n_eval_end]
     if args.recover_windows:
-        from fxprune.data import calibration_text
+        from _common import recovery_windows
 
-        rec = (allw[n_eval_end:] if args.recover_text == "wikitext"
-               else token_windows(tok, calibration_text(None), args.recover_windows, args.seqlen))
+        rec = recovery_windows(tok, args.recover_windows, args.seqlen, args.recover_text, n_eval_end)
         extras = [{"recover_data": rec, **e} for e in extras]
     dense = perplexity(model, evalw)["ppl"]
     params = sum(p.numel() for p in model.parameters())
