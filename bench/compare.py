@@ -23,7 +23,7 @@ and peak RSS are that method's own; model loading and perplexity evaluation are 
 ``wall_s`` (``eval_s`` is reported beside it). One JSON line per method on stdout:
 {"bench": "compare", "method", "params", "removed", "wall_s", "peak_rss_mb", "ppl", "ppl_ratio", ...}
 
-    python bench/compare.py [--windows 40] [--fxprune-settings best|default|reconstruct|heads-mlp|obs|obs-heads-mlp|'{"importance": ...}']
+    python bench/compare.py [--windows 40] [--fxprune-settings best|default|reconstruct|heads-mlp|obs|obs-heads-mlp|obs-gen|obs-heads-mlp-gen|'{"importance": ...}']
                             [--fx-extra '{"reconstruct": true}'] [--fx-recovery JSON (default: BEST_RECOVERY; "" for none)]
                             [--fx-recovery-long JSON (default: LONG_RECOVERY; "" for none)]
                             [--methods dense,tp-taylor,tp-l2,fxprune]
@@ -60,6 +60,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 67.8 / 57.4 / 67.0 and 219 / 249 / 237): the correction is what makes the stronger damping pay
     "obs": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 8.0},
     "obs-heads-mlp": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 8.0},
+    # obs on the 10 calibration windows plus 30 the model writes on from their first 16 tokens (no
+    # text beyond the slice). 20%, dense 42.635: 61.775 (1.449x; seed 1 1.447x, second slice 1.431x)
+    # against 65.931 (1.546x); writing 31 s, prune 74-78 s against 40.5 s. 90 written 61.03 (1.432x,
+    # prune 165 s); prompts of 4 / 8 / 32 / 64 tokens 1.586x (90) / 1.485x / 1.460x / 1.479x; T=0.8 1.477x
+    "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 8.0, "calib_generate": 30},
+    "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 8.0,
+                          "calib_generate": 30},
 }
 # "best": the preset measured best at each ratio (MLP-only at 50% leaves 3% of those channels);
 # held-out x dense, no fine-tuning: 20% reconstruct 1.74, obs 1.55; 50% heads-mlp 5.92, obs-heads-mlp 4.32

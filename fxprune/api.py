@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
-from .data import stack_windows
+from .data import GENERATE_PROMPT, generate_windows, stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
@@ -90,6 +90,7 @@ def prune(
     round_to: int = 1,
     aggregate: str = "sum",
     calib: torch.Tensor | list[torch.Tensor] | None = None,
+    calib_generate: int = 0,
     plan: Plan | None = None,
     iterative: bool = False,
     steps: int = 20,
@@ -124,6 +125,10 @@ def prune(
         mode: ``local`` (same fraction per group) or ``global`` ranking.
         round_to: keep a multiple of this many units per group (hardware-friendly widths).
         aggregate: how member scores combine: sum, mean, max, prod, last.
+        calib_generate: add this many windows the model writes itself to ``calib``, each continuing
+            the first 16 tokens of a calibration window (:func:`fxprune.data.generate_windows`;
+            HF causal LMs). Every pass that reads ``calib`` sees them. SmolLM2 at 20% (obs): 10
+            windows 1.546x dense, plus 30 written ones 1.447x (+31 s writing, +37 s choosing).
         iterative: LoRAPrune's schedule instead of one-shot scoring: masks, LoRA fine-tuning on
             ``calib`` between mask updates, moving-average scores, cubic sparsity schedule; the
             final masks are rewritten as usual (:mod:`fxprune.passes.schedule`).
@@ -176,6 +181,15 @@ def prune(
     distill = check_distill(distill)
     if distill and not recover_steps:
         raise FxpruneError("distill is a recovery loss: set recover_steps (--recover-steps N)")
+    if calib_generate:
+        if not _batches(calib):
+            raise FxpruneError("calib_generate continues calibration windows; pass calib=... (--calib FILE)")
+        t = time.perf_counter()
+        with say.task(f"writing {calib_generate} calibration windows"):
+            real = torch.cat(_batches(calib))
+            written = generate_windows(model, real, int(calib_generate), seed=seed)
+        calib = _batches(real) + _batches(written)
+        timings["generate_s"] = time.perf_counter() - t
     if (iterative or recover_steps) and not _batches(calib):
         what = "iterative pruning" if iterative else "recover_steps"
         raise FxpruneError(f"{what} fine-tunes on calibration text; pass calib=... (--calib FILE)")
@@ -200,9 +214,10 @@ def prune(
 
         example_inputs = make_inputs(model, tokenizer)
 
+    t = time.perf_counter()
     with say.task("capture"):
         program = capture(model, example_inputs)
-    timings["capture_s"] = time.perf_counter() - t0
+    timings["capture_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("dependency graph")
@@ -292,6 +307,9 @@ def prune(
     timings["total_s"] = time.perf_counter() - t0
 
     report = build_report(model, pruned_model, dg, plan, example_inputs, timings, notes)
+    if calib_generate:
+        report["calibration"] = {"windows": len(calib) - len(written), "generated": len(written),
+                                 "prompt_tokens": GENERATE_PROMPT}
     if reconstruct:
         report["reconstruct"] = recon
     if history is not None:

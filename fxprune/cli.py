@@ -141,7 +141,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
     calib = eval_windows = recover_data = None
     # iterative pruning and recovery fine-tune on the calibration text
     needs_text = (args.importance in NEEDS_DATA or args.eval or args.iterative or args.recover_steps > 0
-                  or args.reconstruct)
+                  or args.reconstruct or args.calib_generate)
     if needs_text and tok is None:
         raise FxpruneError(f"{args.model} has no tokenizer; calibration and --eval need one")
     if needs_text:
@@ -165,7 +165,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
         refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill,
         recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
-        recover_data=recover_data,
+        recover_data=recover_data, calib_generate=args.calib_generate,
     )
     report = result.report
     if eval_windows is not None:
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", default=None, help="calibration text file (default: CPython's pydoc topics)")
     pr.add_argument("--calib-samples", type=int, default=10)
     pr.add_argument("--calib-seqlen", type=int, default=128)
+    pr.add_argument("--calib-generate", type=int, default=0, metavar="N",
+                    help="add N windows the model writes itself, each continuing the first 16 tokens of a "
+                         "calibration window (more contexts for importance and the refit; HF causal LMs)")
     pr.add_argument("--lora-rank", type=int, default=8)
     pr.add_argument("--iterative", action="store_true",
                     help="LoRAPrune schedule: masks + LoRA fine-tuning, cubic sparsity, EMA scores")

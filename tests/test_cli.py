@@ -265,3 +265,22 @@ def test_reconstruct_residual_correction_flag(flag, corrected, tok_dir, capsys):
                  *flag]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reconstruct"]["residual_corrected"] == corrected  # o_proj and down_proj of both layers
+
+
+def test_calib_generate_flag_adds_written_windows(tok_dir, capsys):
+    calib = tok_dir.parent / "calib.txt"
+    assert main(["prune", str(tok_dir), "--ratio", "0.3", "--importance", "obs", "--targets", "mlp",
+                 "--calib", str(calib), "--calib-samples", "2", "--calib-seqlen", "20", "--calib-generate", "3",
+                 "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"] == {"windows": 2, "generated": 3, "prompt_tokens": 16}
+    assert report["timings"]["generate_s"] > 0
+
+
+def test_calib_generate_too_short_windows_is_a_user_error(tok_dir, capsys):
+    calib = tok_dir.parent / "calib.txt"
+    assert main(["prune", str(tok_dir), "--ratio", "0.3", "--importance", "obs", "--targets", "mlp",
+                 "--calib", str(calib), "--calib-samples", "2", "--calib-seqlen", "8", "--calib-generate", "3",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "shorter than the windows (8)" in err and "Traceback" not in err

@@ -167,3 +167,57 @@ def test_perplexity_needs_logits():
         perplexity(model, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(FxpruneError, match="seqlen >= 2"):
         perplexity(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+# -- self-written calibration windows --------------------------------------------------------------
+
+
+def test_generate_windows_continue_the_prompts():
+    from fxprune.data import generate_windows
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    out = generate_windows(model, calib, 5, prompt_len=4, seed=7, batch=2)
+    assert out.shape == (5, 20)
+    assert torch.equal(out[:, :4], calib[[0, 1, 2, 0, 1], :4])  # round robin over the prompts
+    assert not torch.equal(out[:, 4:], calib[[0, 1, 2, 0, 1], 4:])  # the rest is the model's own
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is left alone
+    assert torch.equal(generate_windows(model, calib, 5, prompt_len=4, seed=7, batch=2), out)  # seeded
+    assert not torch.equal(generate_windows(model, calib, 5, prompt_len=4, seed=8), out)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_generate_windows_refuses_what_it_cannot_continue():
+    from fxprune.data import generate_windows
+
+    calib = torch.randint(0, 64, (2, 8))
+    with pytest.raises(FxpruneError, match="causal LM with generate"):
+        generate_windows(nn.Linear(4, 4), calib, 2)
+    with pytest.raises(FxpruneError, match="shorter than the windows"):
+        generate_windows(tiny_llama(), calib, 2, prompt_len=8)
+    with pytest.raises(FxpruneError, match=">= 1"):
+        generate_windows(tiny_llama(), calib, -1)
+
+
+def test_prune_with_written_windows():
+    import fxprune
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    res = fxprune.prune(model, {"input_ids": calib[:, :8]}, ratio=0.2, importance="obs", targets=("mlp",),
+                        calib=calib, calib_generate=3, damp=1.0)
+    assert res.report["calibration"] == {"windows": 2, "generated": 3, "prompt_tokens": 16}
+    assert res.report["timings"]["generate_s"] > 0
+    plain = fxprune.prune(model, {"input_ids": calib[:, :8]}, ratio=0.2, importance="obs", targets=("mlp",),
+                          calib=calib, damp=1.0)
+    assert "calibration" not in plain.report
+    # the refit saw other windows, so the pruned weights differ
+    w = dict(res.model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    w0 = dict(plain.model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    assert w.shape == w0.shape and not torch.allclose(w, w0)
+    with pytest.raises(FxpruneError, match="pass calib"):
+        fxprune.prune(model, ratio=0.2, calib_generate=3)
