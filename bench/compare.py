@@ -71,7 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # "best": the preset measured best at each ratio (MLP-only at 50% leaves 3% of those channels);
 # held-out x dense, no fine-tuning: 20% reconstruct 1.74, obs 1.55; 50% heads-mlp 5.92, obs-heads-mlp 4.32
 # (4.03 since prune() writes obs's own refit instead of re-solving it: 171.6 against 184.0; 20% 1.546)
-BEST = {0.2: "obs", 0.5: "obs-heads-mlp"}
+# With 30 self-written windows (same 10-window slice; compare.py run of 2026-12-04, dense 42.635):
+# obs-gen 20% 61.353 (1.439x, wall 107 s; +rec 46.633, 1.094x, 251 s), obs-heads-mlp-gen 50% 167.216
+# (3.922x, 129 s).
+BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
 # protocol's eval slice with the 10 windows plus 30 from after the third slice: obs damp 3 54.47,
@@ -127,7 +130,7 @@ def fx_settings(args: argparse.Namespace, recovery: str = "", ratio: float = 0.2
     option of the method suffix ``recovery`` ("", "+rec" or "+rec-long")."""
     spec = args.fxprune_settings
     if spec == "best":
-        spec = BEST.get(ratio, "obs-heads-mlp" if ratio > 0.3 else "obs")
+        spec = BEST.get(ratio, "obs-heads-mlp-gen" if ratio > 0.3 else "obs-gen")
     settings = dict(PRESETS[spec]) if spec in PRESETS else _json_object(spec, "--fxprune-settings")
     settings.update(_json_object(args.fx_extra, "--fx-extra"))
     flag = RECOVERY_FLAGS[recovery]
