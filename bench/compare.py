@@ -71,9 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # "best": the preset measured best at each ratio (MLP-only at 50% leaves 3% of those channels);
 # held-out x dense, no fine-tuning: 20% reconstruct 1.74, obs 1.55; 50% heads-mlp 5.92, obs-heads-mlp 4.32
 # (4.03 since prune() writes obs's own refit instead of re-solving it: 171.6 against 184.0; 20% 1.546)
-# With 30 self-written windows (same 10-window slice; compare.py run of 2026-12-04, dense 42.635):
-# obs-gen 20% 61.353 (1.439x, wall 107 s; +rec 46.633, 1.094x, 251 s), obs-heads-mlp-gen 50% 167.216
-# (3.922x, 129 s).
+# With 30 self-written windows (same 10-window slice; full compare.py run of 2026-12-04, 2-core
+# AVX2 EPYC, dense 42.635): 20% 61.353 (1.439x, 101 s), +rec 46.633 (1.094x, 223 s), +rec-long
+# 29.512 (0.692x, 536 s); 50% 167.216 (3.922x, 107 s), +rec 102.922 (2.414x, 215 s), +rec-long
+# 53.749 (1.261x, 462 s); tp-taylor 80.491 (1.888x, 13 s), tp-l2 1923.3 (45.1x).
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
