@@ -182,7 +182,9 @@ def test_generate_windows_continue_the_prompts():
     rng = torch.get_rng_state()
     out = generate_windows(model, calib, 5, prompt_len=4, seed=7, batch=2)
     assert out.shape == (5, 20)
-    assert torch.equal(out[:, :4], calib[[0, 1, 2, 0, 1], :4])  # round robin over the prompts
+    # round robin over the windows; each later round takes the next prompt_len tokens as its prompt
+    prompts = torch.stack([calib[0, :4], calib[1, :4], calib[2, :4], calib[0, 4:8], calib[1, 4:8]])
+    assert torch.equal(out[:, :4], prompts)
     assert not torch.equal(out[:, 4:], calib[[0, 1, 2, 0, 1], 4:])  # the rest is the model's own
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is left alone
     assert torch.equal(generate_windows(model, calib, 5, prompt_len=4, seed=7, batch=2), out)  # seeded
