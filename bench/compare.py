@@ -74,7 +74,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # With 30 self-written windows (same 10-window slice; full compare.py run of 2026-12-04, 2-core
 # AVX2 EPYC, dense 42.635): 20% 61.353 (1.439x, 101 s), +rec 46.633 (1.094x, 223 s), +rec-long
 # 29.512 (0.692x, 536 s); 50% 167.216 (3.922x, 107 s), +rec 102.922 (2.414x, 215 s), +rec-long
-# 53.749 (1.261x, 462 s); tp-taylor 80.491 (1.888x, 13 s), tp-l2 1923.3 (45.1x).
+# 53.749 (1.261x, 462 s); tp-taylor 80.491 (1.888x, 13 s), tp-l2 1923.3 (45.1x). With later
+# rounds' prompts moved along the window (3c20239): 20% 60.144 (1.411x, 91 s), +rec 45.146
+# (1.059x, 229 s); 50% 170.016 (3.988x, 111 s), +rec 104.614 (2.454x, 212 s); rec-long not re-run.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
