@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib-samples", type=int, default=10)
     pr.add_argument("--calib-seqlen", type=int, default=128)
     pr.add_argument("--calib-generate", type=int, default=0, metavar="N",
-                    help="add N windows the model writes itself, each continuing the first 16 tokens of a "
-                         "calibration window (more contexts for importance and the refit; HF causal LMs)")
+                    help="add N windows the model writes itself, each continuing 16 tokens of a calibration "
+                         "window (more contexts for importance and the refit; HF causal LMs)")
     pr.add_argument("--lora-rank", type=int, default=8)
     pr.add_argument("--iterative", action="store_true",
                     help="LoRAPrune schedule: masks + LoRA fine-tuning, cubic sparsity, EMA scores")

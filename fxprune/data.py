@@ -118,9 +118,11 @@ def stack_windows(batches: list[Any], rows: int) -> list[Any]:
 GENERATE_PROMPT = 16  # tokens of each calibration window the model continues from
 
 
-def generate_windows(model: nn.Module, calib: torch.Tensor, n: int, *, prompt_len: int = GENERATE_PROMPT,
-                     temperature: float = 1.0, seed: int = 0, batch: int = 30) -> torch.Tensor:
-    """``n`` windows the model writes itself, as long as ``calib``'s windows.
+def generate_windows(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], n: int, *,
+                     prompt_len: int = GENERATE_PROMPT, temperature: float = 1.0, seed: int = 0,
+                     batch: int = 30) -> torch.Tensor:
+    """``n`` windows the model writes itself, as long as ``calib``'s windows (an ``(n, seqlen)``
+    tensor of token ids, or a list of equal-width ones).
 
     Window ``i`` takes its prompt from ``calib[i % len(calib)]``: the first ``prompt_len`` tokens in
     the first round over ``calib``, the next ``prompt_len`` in the second, and so on; the model
@@ -134,8 +136,12 @@ def generate_windows(model: nn.Module, calib: torch.Tensor, n: int, *, prompt_le
     if not hasattr(model, "generate") or getattr(model, "config", None) is None:
         raise FxpruneError(f"calib_generate needs a Hugging Face causal LM with generate(); "
                            f"{type(model).__name__} has none")
+    if (isinstance(calib, (list, tuple)) and all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in calib)
+            and len({b.shape[1] for b in calib}) == 1):
+        calib = torch.cat(calib)
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
-        raise FxpruneError("calib_generate continues token windows: calib must be an (n, seqlen) tensor of token ids")
+        raise FxpruneError("calib_generate continues token windows: calib must be an (n, seqlen) tensor of token "
+                           "ids, or a list of equal-width ones")
     if n < 1:
         raise FxpruneError(f"calib_generate must be >= 1 windows, got {n}")
     seqlen = calib.shape[1]
@@ -151,13 +157,13 @@ def generate_windows(model: nn.Module, calib: torch.Tensor, n: int, *, prompt_le
     pad = (pad[0] if isinstance(pad, (list, tuple)) else pad) or 0
     was_training = model.training
     model.eval()
+    new = seqlen - prompt_len
     out = []
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             for i in range(0, n, batch):
                 p = prompts[i : i + batch]
-                new = seqlen - prompt_len
                 ids = model.generate(p, attention_mask=torch.ones_like(p), do_sample=True, temperature=temperature,
                                      top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
                                      pad_token_id=pad, use_cache=True)

@@ -203,6 +203,18 @@ def test_generate_windows_refuses_what_it_cannot_continue():
         generate_windows(tiny_llama(), calib, 2, prompt_len=8)
     with pytest.raises(FxpruneError, match=">= 1"):
         generate_windows(tiny_llama(), calib, -1)
+    for bad in ([{"input_ids": calib}], [calib, calib[:, :4]], []):  # not token windows of one width
+        with pytest.raises(FxpruneError, match="tensor of token ids"):
+            generate_windows(tiny_llama(), bad, 2)
+
+
+def test_generate_windows_takes_a_list_of_batches_as_their_rows():
+    from fxprune.data import generate_windows
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate_windows(model, [calib[:1], calib[1:]], 4, prompt_len=4, seed=5),
+                       generate_windows(model, calib, 4, prompt_len=4, seed=5))
 
 
 def test_prune_with_written_windows():
