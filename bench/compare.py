@@ -64,8 +64,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # text beyond the slice). 20%, dense 42.635: 61.775 (1.449x; seed 1 1.447x, second slice 1.431x)
     # against 65.931 (1.546x); writing 31 s, prune 74-78 s against 40.5 s. 90 written 61.03 (1.432x,
     # prune 165 s); prompts of 4 / 8 / 32 / 64 tokens 1.586x (90) / 1.485x / 1.460x / 1.479x; T=0.8 1.477x
-    "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 8.0, "calib_generate": 30},
-    "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 8.0,
+    # With the 30 written windows (moved prompts, 3c20239) the statistics are better determined and
+    # less damping pays, most at 50%. x dense by damp, 20% 1 / 2 / 2.5 / 4 / 8 / 12: 1.428 / 1.413 /
+    # 1.406 / 1.399 / 1.411 / 1.418 (seed 1: damp 4 1.428, 8 1.443); 50% 0.5 / 1 / 2 / 4 / 6 / 8:
+    # 3.729 / 3.423 / 3.295 / 3.582 / 3.857 / 3.988 (seed 1: damp 2 3.331, 8 3.987). Also tried, 20%
+    # at damp 4: 60 written windows 1.462; the real windows counted twice 1.421; an intercept on
+    # down_proj 1.404; refit_all 1.407; at damp 8: windows written on from whole calibration windows
+    # (128-token prompts) 1.457; real windows re-cut at offsets 64 / 32-96 added 1.436 / 1.441. 50%
+    # at damp 4: six heads kept instead of three (heads at half the MLP fraction) 3.861 against 3.582
+    "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
+    "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 2.0,
                           "calib_generate": 30},
 }
 # "best": the preset measured best at each ratio (MLP-only at 50% leaves 3% of those channels);

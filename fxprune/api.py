@@ -156,7 +156,9 @@ def prune(
             :class:`fxprune.progress.Progress`, or None (silent).
         reconstruct: after the rewrite, refit the layers that read pruned channels (down_proj,
             o_proj...) by least squares on ``calib`` activations (adds no parameter; see
-            :mod:`fxprune.passes.reconstruct`). ``damp`` is its relative ridge damping. Importance
+            :mod:`fxprune.passes.reconstruct`). ``damp`` is its relative ridge damping
+            (``lam = damp * mean(diag X^T X)``; more windows want less: SmolLM2 obs measured best at 8
+            on 10 windows, 2-4 on 40). Importance
             ``obs`` chooses units for this refit (:mod:`fxprune.passes.importance.obs`) and turns it on.
         refit_all: reconstruct also refits every other untied Linear (q/k/v, gate/up...) against
             the dense model's output, correcting the drift of its inputs; turns ``reconstruct`` on.
