@@ -85,6 +85,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 53.749 (1.261x, 462 s); tp-taylor 80.491 (1.888x, 13 s), tp-l2 1923.3 (45.1x). With later
 # rounds' prompts moved along the window (3c20239): 20% 60.144 (1.411x, 91 s), +rec 45.146
 # (1.059x, 229 s); 50% 170.016 (3.988x, 111 s), +rec 104.614 (2.454x, 212 s); rec-long not re-run.
+# At damp 4 (20%) and 2 (50%), full run of 2026-12-04: 20% 59.643 (1.399x, 105 s), +rec 45.041
+# (1.056x, 254 s), +rec-long 29.313 (0.688x, 540 s); 50% 140.474 (3.295x, 120 s), +rec 98.793
+# (2.317x, 217 s), +rec-long 54.384 (1.276x, 461 s); tp-taylor 80.491 (1.888x), tp-l2 45.1x.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
