@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # less damping pays, most at 50%. x dense by damp, 20% 1 / 2 / 2.5 / 4 / 8 / 12: 1.428 / 1.413 /
     # 1.406 / 1.399 / 1.411 / 1.418 (seed 1: damp 4 1.428, 8 1.443); 50% 0.5 / 1 / 2 / 4 / 6 / 8:
     # 3.729 / 3.423 / 3.295 / 3.582 / 3.857 / 3.988 (seed 1: damp 2 3.331, 8 3.987). Also tried, 20%
-    # at damp 4: 60 written windows 1.462; the real windows counted twice 1.421; an intercept on
+    # at damp 4: 20 / 60 written windows 1.492 / 1.462 (40 at damp 3 1.406); the real windows counted twice 1.421; an intercept on
     # down_proj 1.404; refit_all 1.407; at damp 8: windows written on from whole calibration windows
     # (128-token prompts) 1.457; real windows re-cut at offsets 64 / 32-96 added 1.436 / 1.441. 50%
     # at damp 4: six heads kept instead of three (heads at half the MLP fraction) 3.861 against 3.582
