@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +109,17 @@ def stack_windows(batches: list[Any], rows: int) -> list[Any]:
 
     Any other batch form (dicts, (inputs, targets) pairs, mixed lengths) is returned as it is.
     """
+    ids = concat_windows(batches)
+    if ids is None:
+        return batches
+    return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
+
+
+def concat_windows(batches: Sequence[Any]) -> torch.Tensor | None:
+    """Token-id batches of one width as a single tensor; None for any other batch form."""
     if batches and all(isinstance(b, torch.Tensor) for b in batches) and len({b.shape[1:] for b in batches}) == 1:
-        ids = torch.cat(batches)
-        return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
-    return batches
+        return torch.cat(list(batches))
+    return None
 
 
 GENERATE_PROMPT = 16  # tokens of each calibration window the model continues from
@@ -136,9 +143,8 @@ def generate_windows(model: nn.Module, calib: torch.Tensor | list[torch.Tensor],
     if not hasattr(model, "generate") or getattr(model, "config", None) is None:
         raise FxpruneError(f"calib_generate needs a Hugging Face causal LM with generate(); "
                            f"{type(model).__name__} has none")
-    if (isinstance(calib, (list, tuple)) and all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in calib)
-            and len({b.shape[1] for b in calib}) == 1):
-        calib = torch.cat(calib)
+    if isinstance(calib, (list, tuple)):
+        calib = concat_windows(calib)
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
         raise FxpruneError("calib_generate continues token windows: calib must be an (n, seqlen) tensor of token "
                            "ids, or a list of equal-width ones")
