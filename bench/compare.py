@@ -71,7 +71,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # at damp 4: 20 / 60 written windows 1.492 / 1.462 (40 at damp 3 1.406); the real windows counted twice 1.421; an intercept on
     # down_proj 1.404; refit_all 1.407; at damp 8: windows written on from whole calibration windows
     # (128-token prompts) 1.457; real windows re-cut at offsets 64 / 32-96 added 1.436 / 1.441. 50%
-    # at damp 4: six heads kept instead of three (heads at half the MLP fraction) 3.861 against 3.582
+    # at damp 4: six heads kept instead of three (heads at half the MLP fraction) 3.861 against 3.582.
+    # 2026-12-04 (second session), 20% at damp 4: depth_profile 0.5 (the middle of 3:29 removes 1.5x,
+    # its ends 0.5x) 58.973 (1.383x; seed 1 1.395x against 1.428x; second slice 61.684 against 61.611:
+    # not kept in the preset, too small against the noise); 0.75 1.410x, 1.0 1.403x (2:30 1.417x),
+    # -0.5 1.457x; more removed deep / shallow (linear ramp +-0.5) 1.442x / 1.395x. OBS costs
+    # weighted by the dense loss's Fisher at each down_proj output (E[g g^T], 576 x 576) 1.399x
+    # (half Fisher, half identity 1.411x): where the refit error lands in the stream does not change
+    # the choice. Heads+MLP at 20% 1.415x; 256 greedy rounds instead of 64 no change (1.386x)
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 2.0,
                           "calib_generate": 30},

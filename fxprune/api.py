@@ -88,6 +88,7 @@ def prune(
     layers: str | range | None = None,
     mode: str = "local",
     round_to: int = 1,
+    depth_profile: float = 0.0,
     aggregate: str = "sum",
     calib: torch.Tensor | list[torch.Tensor] | None = None,
     calib_generate: int = 0,
@@ -124,6 +125,11 @@ def prune(
         layers: ``"3:29"`` or a ``range``: prune only these layers.
         mode: ``local`` (same fraction per group) or ``global`` ranking.
         round_to: keep a multiple of this many units per group (hardware-friendly widths).
+        depth_profile: local ranking only: shape the removal over the layer range; a layer at
+            position ``x`` in ``[-1, 1]`` removes ``f * (1 + p * (1 - 2|x|))`` of its units, ``f``
+            set to reach ``ratio`` (``-1 < p < 1``; 0: the same fraction everywhere; p > 0 prunes
+            the middle of the range more than its ends). SmolLM2 at 20% (obs, MLP 3:29):
+            p 0.5 1.386x / 1.395x dense (seeds 0 / 1) against 1.399x / 1.428x uniform.
         aggregate: how member scores combine: sum, mean, max, prod, last.
         calib_generate: add this many windows the model writes itself to ``calib``, each continuing
             16 tokens of a calibration window (the first 16, then the next 16 in later rounds;
@@ -233,7 +239,8 @@ def prune(
         t = time.perf_counter()
         n_layers = _num_layers(model)
         layer_range = layers if isinstance(layers, range) or layers is None else parse_layers(layers, n_layers)
-        sel = Selection(float(ratio), tuple(targets), layer_range, mode, max(1, int(round_to)))
+        sel = Selection(float(ratio), tuple(targets), layer_range, mode, max(1, int(round_to)),
+                        depth_profile=float(depth_profile))
         from .passes.select import candidates
 
         groups = candidates(dg, sel)
@@ -268,7 +275,8 @@ def prune(
             plan = select(dg, scores, sel)
         plan.meta.update({"importance": importance, "ratio": ratio, "targets": list(targets),
                           "layers": None if layer_range is None else f"{layer_range.start}:{layer_range.stop}",
-                          "mode": mode, "round_to": round_to, "aggregate": aggregate})
+                          "mode": mode, "round_to": round_to, "depth_profile": depth_profile,
+                          "aggregate": aggregate})
         timings["select_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -160,7 +160,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
     result = api.prune(
         model, ratio=args.ratio, importance=args.importance, targets=_split(args.targets),
         layers=args.layers, mode=args.mode, round_to=args.round_to, aggregate=args.aggregate,
-        calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
+        depth_profile=args.depth_profile, calib=calib, plan=plan, tokenizer=tok, lora_rank=args.lora_rank, progress=say,
         iterative=args.iterative, steps=args.steps, prune_every=args.prune_every, ema=args.ema,
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
         refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill,
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", default=None, help="layer range START:END, e.g. 3:29")
     pr.add_argument("--mode", default="local", choices=["local", "global"])
     pr.add_argument("--round-to", type=int, default=1)
+    pr.add_argument("--depth-profile", type=float, default=0.0, metavar="P",
+                    help="local ranking: remove (1+P)x in the middle of the layer range, (1-P)x at its ends (-1<P<1)")
     pr.add_argument("--aggregate", default="sum")
     pr.add_argument("--calib", default=None, help="calibration text file (default: CPython's pydoc topics)")
     pr.add_argument("--calib-samples", type=int, default=10)

@@ -170,6 +170,39 @@ def test_round_to_keeps_multiples():
             assert g["kept"] % 8 == 0 or g["kept"] == g["units"]
 
 
+def _mlp_kept_by_layer(res):
+    return {g["layer"]: g["kept"] for g in res.report["groups"] if g["kind"] == "mlp"}
+
+
+def test_depth_profile_prunes_the_middle_of_the_range_more():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=5,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    x = inputs("llama-4-2")
+    flat = fxprune.prune(model, x, ratio=0.2, targets=("mlp",))
+    shaped = fxprune.prune(model, x, ratio=0.2, targets=("mlp",), depth_profile=0.6)
+    assert len(set(_mlp_kept_by_layer(flat).values())) == 1  # 0: the same count everywhere
+    kept = _mlp_kept_by_layer(shaped)
+    assert kept[2] < kept[1] < kept[0] and kept[0] == kept[4] and kept[1] == kept[3]
+    # the bisection still lands on the ratio: within one layer's channel of the uniform plan
+    per_channel = 3 * 32
+    assert abs(shaped.report["params_after"] - flat.report["params_after"]) <= 2 * per_channel
+    assert shaped.plan.meta["depth_profile"] == 0.6
+    # shaped plans are plans: replaying one gives the same model
+    again = fxprune.prune(model, x, plan=shaped.plan)
+    assert _mlp_kept_by_layer(again) == kept
+
+
+@pytest.mark.parametrize("kwargs, match", [({"depth_profile": 1.0}, "between -1 and 1"),
+                                           ({"depth_profile": 0.3, "mode": "global"}, "local ranking")])
+def test_depth_profile_bad_values_are_named(kwargs, match):
+    model = tiny("llama-4-2").eval()
+    with pytest.raises(PlanError, match=match):
+        fxprune.prune(model, inputs("llama-4-2"), ratio=0.2, targets=("mlp",), **kwargs)
+
+
 class NormedResidual(nn.Module):
     """A residual stream normalised by LayerNorm and RMSNorm: their normalized_shape is a graph constant."""
 

@@ -1,8 +1,10 @@
 """Selection: per-unit scores -> a :class:`Plan` that removes a given fraction of the parameters.
 
 ``ratio`` is the fraction of *all* model parameters to remove. Local ranking removes the same
-fraction of units from every targeted group; global ranking pools the (per-group normalised)
-scores and removes the lowest units anywhere. Either way the knob (fraction or threshold) is found
+fraction of units from every targeted group, or, with ``depth_profile`` ``p``, a fraction shaped
+over the layer range: a layer at position ``x`` in ``[-1, 1]`` (first to last pruned layer) removes
+``frac * (1 + p * (1 - 2|x|))``, more in the middle of the range than at its ends for ``p > 0``.
+Global ranking pools the (per-group normalised) scores and removes the lowest units anywhere. Either way the knob (fraction or threshold) is found
 by bisection against the exact parameter count of the resulting plan.
 """
 
@@ -32,6 +34,7 @@ class Selection:
     mode: str = "local"
     round_to: int = 1
     max_group_ratio: float = 0.9  # global mode: never remove more than this fraction of a group
+    depth_profile: float = 0.0  # local mode: middle layers of the range remove (1 + p) x, the ends (1 - p) x
 
 
 def parse_layers(spec: str | None, num_layers: int | None = None) -> range | None:
@@ -98,10 +101,27 @@ def _keep_top(g: Group, scores: np.ndarray, n_keep: int) -> list[int]:
     return np.sort(np.argsort(-scores, kind="stable")[:n_keep]).tolist()
 
 
-def _plan_local(groups: list[Group], scores: dict[str, np.ndarray], frac: float, sel: Selection) -> Plan:
+def depth_weights(groups: list[Group], profile: float) -> dict[str, float]:
+    """Each group's multiplier of the local removal fraction: ``1 + p * (1 - 2|x|)`` at its layer's
+    position ``x`` in ``[-1, 1]`` across the groups' layers; 1 for groups outside the stack."""
+    layers = [g.layer for g in groups if g.layer is not None]
+    lo, hi = (min(layers), max(layers)) if layers else (0, 0)
+    out = {}
+    for g in groups:
+        if g.layer is None or hi == lo or profile == 0.0:
+            out[g.id] = 1.0
+        else:
+            x = 2.0 * (g.layer - lo) / (hi - lo) - 1.0
+            out[g.id] = 1.0 + profile * (1.0 - 2.0 * abs(x))
+    return out
+
+
+def _plan_local(groups: list[Group], scores: dict[str, np.ndarray], frac: float, sel: Selection,
+                weights: dict[str, float] | None = None) -> Plan:
     keep = {}
     for g in groups:
-        n = max(1, int(round(g.units * (1.0 - frac))))
+        f = min(1.0, frac * (weights or {}).get(g.id, 1.0))
+        n = max(1, int(round(g.units * (1.0 - f))))
         n = _round_up(n, sel.round_to, g.units) if not g.block else n
         keep[g.id] = _keep_top(g, scores[g.id], n)
     return Plan(keep)
@@ -124,6 +144,10 @@ def select(dg: DependencyGraph, scores: dict[str, np.ndarray], sel: Selection) -
         raise PlanError(f"ratio must be between 0 and 1 (exclusive), got {sel.ratio}")
     if sel.mode not in MODES:
         raise PlanError(f"unknown ranking mode '{sel.mode}'; choose local or global")
+    if not -1.0 < sel.depth_profile < 1.0:
+        raise PlanError(f"depth_profile must be between -1 and 1 (exclusive), got {sel.depth_profile:g}")
+    if sel.depth_profile and sel.mode != "local":
+        raise PlanError("depth_profile shapes local ranking; global ranking sets each layer's share from the scores")
     groups = candidates(dg, sel)
     if not groups:
         raise PlanError(
@@ -134,8 +158,9 @@ def select(dg: DependencyGraph, scores: dict[str, np.ndarray], sel: Selection) -
     target = total * (1.0 - sel.ratio)
 
     if sel.mode == "local":
-        build = lambda x: _plan_local(groups, scores, x, sel)  # noqa: E731
-        lo, hi = 0.0, 1.0
+        weights = depth_weights(groups, sel.depth_profile)
+        build = lambda x: _plan_local(groups, scores, x, sel, weights)  # noqa: E731
+        lo, hi = 0.0, 1.0 / min(weights.values())  # at hi every group is at its minimum
     else:
         norm = {g.id: normalize(np.asarray(scores[g.id], dtype=np.float64)) for g in groups}
         allv = np.concatenate([norm[g.id] for g in groups])
