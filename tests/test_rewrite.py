@@ -186,7 +186,7 @@ def test_depth_profile_prunes_the_middle_of_the_range_more():
     assert len(set(_mlp_kept_by_layer(flat).values())) == 1  # 0: the same count everywhere
     kept = _mlp_kept_by_layer(shaped)
     assert kept[2] < kept[1] < kept[0] and kept[0] == kept[4] and kept[1] == kept[3]
-    # the bisection still lands on the ratio: within one layer's channel of the uniform plan
+    # the bisection still lands on the ratio: within two MLP channels of the uniform plan
     per_channel = 3 * 32
     assert abs(shaped.report["params_after"] - flat.report["params_after"]) <= 2 * per_channel
     assert shaped.plan.meta["depth_profile"] == 0.6

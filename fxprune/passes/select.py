@@ -4,8 +4,9 @@
 fraction of units from every targeted group, or, with ``depth_profile`` ``p``, a fraction shaped
 over the layer range: a layer at position ``x`` in ``[-1, 1]`` (first to last pruned layer) removes
 ``frac * (1 + p * (1 - 2|x|))``, more in the middle of the range than at its ends for ``p > 0``.
-Global ranking pools the (per-group normalised) scores and removes the lowest units anywhere. Either way the knob (fraction or threshold) is found
-by bisection against the exact parameter count of the resulting plan.
+Global ranking pools the (per-group normalised) scores and removes the lowest units anywhere.
+Either way the knob (fraction or threshold) is found by bisection against the exact parameter
+count of the resulting plan.
 """
 
 from __future__ import annotations
@@ -117,10 +118,10 @@ def depth_weights(groups: list[Group], profile: float) -> dict[str, float]:
 
 
 def _plan_local(groups: list[Group], scores: dict[str, np.ndarray], frac: float, sel: Selection,
-                weights: dict[str, float] | None = None) -> Plan:
+                weights: dict[str, float]) -> Plan:
     keep = {}
     for g in groups:
-        f = min(1.0, frac * (weights or {}).get(g.id, 1.0))
+        f = min(1.0, frac * weights[g.id])
         n = max(1, int(round(g.units * (1.0 - f))))
         n = _round_up(n, sel.round_to, g.units) if not g.block else n
         keep[g.id] = _keep_top(g, scores[g.id], n)
