@@ -80,6 +80,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weighted by the dense loss's Fisher at each down_proj output (E[g g^T], 576 x 576) 1.399x
     # (half Fisher, half identity 1.411x): where the refit error lands in the stream does not change
     # the choice. Heads+MLP at 20% 1.415x; 256 greedy rounds instead of 64 no change (1.386x)
+    # 2026-12-04 (third session), tried and not kept: OBS moments with each token's weight capped at
+    # 10 / 100 x the median token energy (position 0 carries 94-99.9% of the down_proj input energy
+    # in layers 11 and 28: massive activations) 1.404x / 1.402x at 20%; at 50% (heads+MLP, damp 2)
+    # the residual width pruned first by Taylor (10% of parameters, then obs to 50%) 4.877x, layers
+    # 0:30 17.58x, depth_profile -0.3 3.654x, all against 3.295x
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 2.0,
                           "calib_generate": 30},

@@ -3,8 +3,9 @@
 Every configuration of ``--ratios`` x ``--round-to`` x ``--targets`` is pruned with l2 importance
 (latency does not depend on which channels go), exported with ``fxprune.export_onnx`` (opset 20,
 onnxruntime parity checked) and timed in onnxruntime's CPUExecutionProvider with a fixed thread
-count: ``--warmup`` runs, then ``--runs`` timed runs, alternating with the dense model so both see
-the same machine load; the median is reported. One JSON line per (configuration, batch):
+count: ``--warmup`` runs, then ``--runs`` timed runs in blocks of ``--block`` (default 5) that
+alternate with the dense model's, so both see the same drift in machine load; each block starts with
+one untimed run. The median is reported. One JSON line per (configuration, batch):
 
     {"bench": "latency", "ratio", "round_to", "targets", "batch", "seq", "params", "param_ratio",
      "ms", "dense_ms", "latency_ratio", "latency_over_param", "target": 1.1, "met"}
@@ -12,8 +13,27 @@ the same machine load; the median is reported. One JSON line per (configuration,
 ``param_ratio`` = pruned / dense parameters, ``latency_ratio`` = pruned / dense median latency;
 target: latency_ratio <= 1.1 x param_ratio. Needs no data file (random token ids).
 
-    python bench/latency.py [--runs 20] [--threads 2] [--ratios 0.2,0.5] [--round-to 1,64]
+    python bench/latency.py [--runs 20] [--block 5] [--threads 2] [--ratios 0.2,0.5] [--round-to 1,64]
                             [--targets 'heads,mlp;mlp'] [--layers 3:29|all] [--optimize ort|light|...]
+
+Why blocks (2026-12-04, third session): the earlier runs below alternated the two sessions on
+every run. After a run onnxruntime's idle workers spin-wait for more work (``allow_spinning``, on
+by default), so on 2 cores each session's first run after a switch competed with the other's
+spinning threads; a fixed cost per run that weighs twice as much on a model half the size. The
+same dense and 50% heads+MLP round-64 files (param ratio 0.487), batch 1, 30 runs each, two rounds
+(latency_over_param): alternating every run 1.152 / 1.117; in blocks of 10, 1.015 / 0.977; with
+spinning off (``session.intra_op.allow_spinning=0``) 0.974 / 0.995 alternating and 0.967 / 0.996
+in blocks. onnxruntime's kernel-time profile of those files (20 runs each, no other session)
+agrees: 215.5 against 417.6 ms per run (0.516, 1.06 x param). A deployed model runs alone, so the
+batch-1 numbers before that date measured the benchmark's two sessions, not the pruned model. In
+that profile the pruned model's narrow MatMuls ([576, 192], [576, 256]) run at 91-96 GFLOP/s against
+107-117 for the dense widths: what remains of the gap. Concatenating the q/k/v and gate/up weights
+into one MatMul per layer plus a Split was tried (exact outputs): the MatMuls got 13 ms faster, the
+Split cost 8-15 ms, no net gain; not kept.
+Default run in blocks (2026-12-04, third session, same machine), latency_over_param at batch 1 /
+batch 8: 50% heads+MLP round 1 1.079 / 1.032, round 64 1.070 / 0.983 (met at both batches); 50%
+MLP-only round 1 1.190 / 1.080 (it keeps ~40 of the 1,536 MLP channels in layers 3:29: [576, ~40]
+matrices; round 64 cannot reach 50% there); 20% heads+MLP round 1 1.040 / 0.992.
 
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a
@@ -23,7 +43,7 @@ quality preset at 50%) 1.13, all layers 1.18. onnxruntime's RotaryEmbedding fusi
 onnxscript misses on these graphs: torch exports the RoPE angles as a broadcast Mul) was tried
 by hand: 2% faster for both models, the ratio unchanged. The head (576 x 49,152, tied to the
 embedding) costs ~55 ms whatever is pruned: ~25% of the pruned model at batch 1.
-Default run on a 2-core EPYC (2026-12-03): every 20% configuration met (1.007-1.095); at 50%
+Runs alternating every run (``--block 1``), before the finding above. Default run on a 2-core EPYC (2026-12-03): every 20% configuration met (1.007-1.095); at 50%
 heads+MLP batch 8 met (1.014, round 64 0.986), batch 1 did not (1.152, 1.154), MLP-only round 1
 1.233 / 1.174; MLP-only round 64 cannot reach 50% in layers 3:29 (skipped line).
 Re-run at 50% (2026-12-04, same machine): heads+MLP batch 1 1.183 (round 64 1.122), batch 8 1.013
@@ -62,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--runs", type=int, default=20, help="timed runs per model and batch (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--block", type=int, default=5,
+                    help="timed runs per model before switching to the other (1: alternate every run)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--no-verify", action="store_true", help="skip export_onnx's onnxruntime parity check")
     ap.add_argument("--optimize", default="ort", help="export_onnx's optimize level (none, light, full, ort)")
@@ -97,17 +119,28 @@ def feeds(sess: Any, batch: int, seq: int, vocab: int) -> dict[str, Any]:
     return out
 
 
-def paired_medians(dense: Any, pruned: Any, feed: dict[str, Any], runs: int, warmup: int) -> tuple[float, float]:
-    """Median ms of the dense and pruned sessions, timed alternately on the same inputs."""
+def paired_medians(dense: Any, pruned: Any, feed: dict[str, Any], runs: int, warmup: int,
+                   block: int = 5) -> tuple[float, float]:
+    """Median ms of the dense and pruned sessions on the same inputs, timed in alternating blocks of
+    ``block`` runs (so both see the same drift in machine load); ``block=1`` alternates every run.
+
+    Each block starts with one untimed run: onnxruntime's idle workers spin-wait for new work after a
+    run, and on a 2-core machine the other session's spinning threads take the cores the first run
+    after a switch needs (alternating every run, that interference was most of the batch-1 gap).
+    """
     for _ in range(warmup):
         dense.run(None, feed)
         pruned.run(None, feed)
     times: dict[int, list[float]] = {0: [], 1: []}
-    for _ in range(runs):
+    while len(times[1]) < runs:
+        n = min(block, runs - len(times[1]))
         for key, sess in ((0, dense), (1, pruned)):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times[key].append((time.perf_counter() - t0) * 1e3)
+            if block > 1:
+                sess.run(None, feed)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[key].append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -157,14 +190,14 @@ def main(argv: list[str] | None = None) -> None:
             param_ratio = res.report["params_after"] / dense_params
             for batch in batches:
                 feed = feeds(dense, batch, args.seq, vocab)
-                dense_ms, ms = paired_medians(dense, pruned, feed, args.runs, args.warmup)
+                dense_ms, ms = paired_medians(dense, pruned, feed, args.runs, args.warmup, args.block)
                 lat_ratio = ms / dense_ms
                 emit({"bench": BENCH, "ratio": ratio, "round_to": round_to, "targets": ",".join(targets),
                       "layers": args.layers, "batch": batch, "seq": args.seq, "params": res.report["params_after"],
                       "param_ratio": round(param_ratio, 4), "ms": round(ms, 2), "dense_ms": round(dense_ms, 2),
                       "latency_ratio": round(lat_ratio, 4), "latency_over_param": round(lat_ratio / param_ratio, 3),
                       "target": TARGET, "met": lat_ratio <= TARGET * param_ratio,
-                      "threads": args.threads, "runs": args.runs, "optimize": args.optimize})
+                      "threads": args.threads, "runs": args.runs, "block": args.block, "optimize": args.optimize})
             del pruned, res
             path.unlink()
 

@@ -286,8 +286,7 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
             xp, x = _flat_input(args[0]), dense_inputs[t.path][0].double()
             drift = len(t.kept_in) != x.shape[1] or not torch.equal(xp, x)  # no drift: upstream of any pruning
             if drift:
-                stats = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0),
-                         "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+                stats = moments(x, xp)
                 if t.path in dense_streams:
                     stats.update(drift_terms(dense_streams[t.path][0], streams.stream(t.path), xp, t.kept_out))
                 _refit(original, pruned, t, stats, damp, errors)
@@ -394,9 +393,9 @@ def run_until_stopped(model: nn.Module, batch: Any) -> None:
 
 def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: list[Any],
              dense_streams: list[torch.Tensor] | None = None, taps: dict[str, Tap] | None = None,
-             ) -> dict[str, torch.Tensor]:
+             need_dense: bool = True) -> dict[str, torch.Tensor]:
     """Second moments at ``t``'s input: ``xx`` = X^T X'_K (dense against pruned inputs), ``gram`` =
-    X'_K^T X'_K, ``dense`` = X^T X, the sums for an intercept and, with ``dense_streams``, the
+    X'_K^T X'_K, ``dense`` = X^T X (with ``need_dense``), the sums for an intercept and, with ``dense_streams``, the
     residual drift term ``drift``. The pruned forward stops at ``t``."""
     acc: dict[str, torch.Tensor] = {}
     seen: list[torch.Tensor] = []
@@ -413,15 +412,13 @@ def _collect(pruned: nn.Module, t: _Target, dense: list[torch.Tensor], batches: 
                 streams.reset()
                 run_until_stopped(pruned, batch)
                 xp, x = seen.pop(), x.double()
-                if dense_streams is not None:
-                    for key, val in drift_terms(dense_streams[i], streams.stream(t.path), xp, t.kept_out).items():
-                        acc[key] = acc[key] + val if key in acc else val
                 if t.in_dim == 1 and xp.shape[1] != len(t.kept_in):
                     raise FxpruneError(f"reconstruction: {t.path} sees {xp.shape[1]} inputs, "
                                        f"the plan keeps {len(t.kept_in)}")
-                for key, val in (("xx", x.T @ xp), ("gram", xp.T @ xp), ("dense", x.T @ x),
-                                 ("sx", x.sum(0)), ("sxp", xp.sum(0)),
-                                 ("n", torch.tensor(float(x.shape[0]), dtype=torch.float64))):
+                terms = moments(x, xp, dense=need_dense)
+                if dense_streams is not None:
+                    terms.update(drift_terms(dense_streams[i], streams.stream(t.path), xp, t.kept_out))
+                for key, val in terms.items():
                     acc[key] = acc[key] + val if key in acc else val
     finally:
         handle.remove()
@@ -440,6 +437,16 @@ def _augment_gram(s: dict[str, torch.Tensor]) -> torch.Tensor:
     top = torch.cat([s["gram"], s["sxp"][:, None]], 1)
     bottom = torch.cat([s["sxp"], s["n"].reshape(1)])[None, :]
     return torch.cat([top, bottom], 0)
+
+
+def moments(x: torch.Tensor, xp: torch.Tensor, dense: bool = True) -> dict[str, torch.Tensor]:
+    """The refit's second moments from dense ``x`` and pruned ``xp`` inputs (rows = tokens); ``dense``
+    adds X^T X, which only the error report needs (obs skips it: 1536^2 x tokens per MLP)."""
+    out = {"xx": x.T @ xp, "gram": xp.T @ xp, "sx": x.sum(0), "sxp": xp.sum(0),
+           "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+    if dense:
+        out["dense"] = x.T @ x
+    return out
 
 
 class _Stop(Exception):

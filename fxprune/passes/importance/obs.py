@@ -60,7 +60,7 @@ class _Consumer:
 def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     """Greedy OBS removal order per group, sequential over layers (see the module docstring)."""
     from ..reconstruct import (Refit, _collect, _dense_inputs, _flat_input, _Stop, _Target,  # no import cycle
-                               one_pass_rows, run_until_stopped)
+                               moments, one_pass_rows, run_until_stopped)
     from ..residual import StreamRecorder, check_taps, drift_terms, find_taps
 
     if req.keep is None:
@@ -91,7 +91,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
         for c in consumers:
             n_in = req.model.get_submodule(c.path).weight.shape[1]
             choose(c, _collect(work, _Target(c.path, 1, np.arange(n_in), None), dense_in.pop(c.path), batches,
-                               dense_streams.pop(c.path, None), taps))
+                               dense_streams.pop(c.path, None), taps, need_dense=False))
         return scores
 
     streams = StreamRecorder(work, taps)
@@ -100,7 +100,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
         def hook(_mod: nn.Module, args: tuple) -> None:
             if c.group.id not in scores:  # a shared module is chosen on its first call
                 xp = _flat_input(args[0])
-                stats = _moments(torch.cat(dense_in[c.path]).double(), xp)
+                stats = moments(torch.cat(dense_in[c.path]).double(), xp, dense=False)
                 if c.path in dense_streams:
                     stats.update(drift_terms(dense_streams[c.path][0], streams.stream(c.path), xp))
                 choose(c, stats)
@@ -120,12 +120,6 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     if missing:
         raise FxpruneError(f"importance 'obs': {missing[0]} was not called by the model's forward")
     return scores
-
-
-def _moments(x: torch.Tensor, xp: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The second moments reconstruct's ``_collect`` gathers, from dense ``x`` and pruned ``xp``."""
-    return {"xx": x.T @ xp, "gram": xp.T @ xp, "sx": x.sum(0), "sxp": xp.sum(0),
-            "n": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
 
 
 def _consumer(req: ImportanceRequest, g: Group) -> _Consumer:
