@@ -33,7 +33,9 @@ Split cost 8-15 ms, no net gain; not kept.
 Default run in blocks (2026-12-04, third session, same machine), latency_over_param at batch 1 /
 batch 8: 50% heads+MLP round 1 1.079 / 1.032, round 64 1.070 / 0.983 (met at both batches); 50%
 MLP-only round 1 1.190 / 1.080 (it keeps ~40 of the 1,536 MLP channels in layers 3:29: [576, ~40]
-matrices; round 64 cannot reach 50% there); 20% heads+MLP round 1 1.040 / 0.992.
+matrices; round 64 cannot reach 50% there); 20% heads+MLP round 1 0.977 / 1.015 (an earlier run
+the same day 1.040 / 0.992), round 64 0.918 / 1.000; 20% MLP-only round 1 0.988 / 1.001, round 64
+1.027 / 1.016: every 20% configuration met.
 
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a
