@@ -85,7 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # in layers 11 and 28: massive activations) 1.404x / 1.402x at 20%; at 50% (heads+MLP, damp 2)
     # the residual width pruned first by Taylor (10% of parameters, then obs to 50%) 4.877x, layers
     # 0:30 17.58x, depth_profile -0.3 3.654x, all against 3.295x. depth_profile 0.3 at 20%, seed 1:
-    # 60.085 (1.409x, uniform 1.428x); second slice 61.956 (uniform 61.611): mixed, preset unchanged
+    # 60.085 (1.409x, uniform 1.428x); second slice 61.956 (uniform 61.611): mixed, preset unchanged.
+    # Written windows sampled at T=1.15 / 1.3: 1.432x / 1.428x (T=0.8 was 1.477x): T=1 stays
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 2.0,
                           "calib_generate": 30},
