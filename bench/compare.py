@@ -75,11 +75,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2026-12-04 (second session), 20% at damp 4: depth_profile 0.5 (the middle of 3:29 removes 1.5x,
     # its ends 0.5x) 58.973 (1.383x; seed 1 1.395x against 1.428x; second slice 61.684 against 61.611:
     # not kept in the preset, too small against the noise; at 50% heads+MLP damp 2 it is worse: p 0.5
-    # 3.796x, 0.25 4.108x against 3.295x); 0.3 1.376x; 0.5 at damp 3 / 6 1.386x / 1.381x; 0.75 1.410x, 1.0 1.403x (2:30 1.417x),
-    # -0.5 1.457x; more removed deep / shallow (linear ramp +-0.5) 1.442x / 1.395x. OBS costs
-    # weighted by the dense loss's Fisher at each down_proj output (E[g g^T], 576 x 576) 1.399x
-    # (half Fisher, half identity 1.411x): where the refit error lands in the stream does not change
-    # the choice. Heads+MLP at 20% 1.415x; 256 greedy rounds instead of 64 no change (1.386x)
+    # 3.796x, 0.25 4.108x against 3.295x); 0.3 1.376x; 0.5 at damp 3 / 6 1.386x / 1.381x; 0.75
+    # 1.410x, 1.0 1.403x (2:30 1.417x), -0.5 1.457x; more removed deep / shallow (linear ramp
+    # +-0.5) 1.442x / 1.395x. OBS costs weighted by the dense loss's Fisher at each down_proj
+    # output (E[g g^T], 576 x 576) 1.399x (half Fisher, half identity 1.411x): where the refit
+    # error lands in the stream does not change the choice. Heads+MLP at 20% 1.415x; 256 greedy
+    # rounds instead of 64 no change (1.386x)
     # 2026-12-04 (third session), tried and not kept: OBS moments with each token's weight capped at
     # 10 / 100 x the median token energy (position 0 carries 94-99.9% of the down_proj input energy
     # in layers 11 and 28: massive activations) 1.404x / 1.402x at 20%; at 50% (heads+MLP, damp 2)

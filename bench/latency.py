@@ -45,9 +45,10 @@ quality preset at 50%) 1.13, all layers 1.18. onnxruntime's RotaryEmbedding fusi
 onnxscript misses on these graphs: torch exports the RoPE angles as a broadcast Mul) was tried
 by hand: 2% faster for both models, the ratio unchanged. The head (576 x 49,152, tied to the
 embedding) costs ~55 ms whatever is pruned: ~25% of the pruned model at batch 1.
-Runs alternating every run (``--block 1``), before the finding above. Default run on a 2-core EPYC (2026-12-03): every 20% configuration met (1.007-1.095); at 50%
-heads+MLP batch 8 met (1.014, round 64 0.986), batch 1 did not (1.152, 1.154), MLP-only round 1
-1.233 / 1.174; MLP-only round 64 cannot reach 50% in layers 3:29 (skipped line).
+Runs alternating every run (``--block 1``), before the finding above. Default run on a 2-core
+EPYC (2026-12-03): every 20% configuration met (1.007-1.095); at 50% heads+MLP batch 8 met
+(1.014, round 64 0.986), batch 1 did not (1.152, 1.154), MLP-only round 1 1.233 / 1.174; MLP-only
+round 64 cannot reach 50% in layers 3:29 (skipped line).
 Re-run at 50% (2026-12-04, same machine): heads+MLP batch 1 1.183 (round 64 1.122), batch 8 1.013
 (round 64 1.001); MLP-only round 1 batch 1 1.207, batch 8 1.084.
 Pruning the residual width too (``--targets heads,mlp,hidden``, 50% round 64: hidden 576 -> 384,
