@@ -88,6 +88,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0:30 17.58x, depth_profile -0.3 3.654x, all against 3.295x. depth_profile 0.3 at 20%, seed 1:
     # 60.085 (1.409x, uniform 1.428x); second slice 61.956 (uniform 61.611): mixed, preset unchanged.
     # Written windows sampled at T=1.15 / 1.3: 1.432x / 1.428x (T=0.8 was 1.477x): T=1 stays
+    # 2026-12-04 (fourth session), 20% at damp 4, not kept: the residual drift term scaled by 0.5 /
+    # 1.3: 1.436x / 1.403x (1 stays). Per-layer shares learned from the pruned model: with the
+    # uniform plan pruned, swapping layer l's dense MLP back in lowers the log-perplexity on 30
+    # held-out written windows (seed 7) by 0.020 / 0.017 in layers 3-4, 0.003-0.014 in 5-18 and
+    # 0.010-0.020 in 19-28 (U-shaped, like the depth_profile optimum); removing in proportion to
+    # 1 / gain^g (3-layer smoothing, clipped to 0.5-1.6x) gave g 0.5 1.386x, g 1 1.395x, against
+    # uniform 1.399x and depth_profile 0.3 1.376x. Each layer pruned alone (50%) instead ranks the
+    # early layers most sensitive (0.07 at layer 3, 0.01 beyond 14): it misses that later refits
+    # correct earlier layers' errors. At 50% (heads+MLP, damp 2; whole decoder layers swapped back:
+    # 0.003-0.017 in 1-15, 0.03-0.05 in 16-27, 0.125 in 29) g 0.5 gave 137.439 (3.224x, uniform
+    # 3.295x) but 173.832 on the second slice against uniform 170.212; layer 29 alone at 0.4x 3.252x.
+    # Mixed at both ratios: the probe (a second prune plus 26-29 evaluations) is not worth its time.
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:30", "damp": 2.0,
                           "calib_generate": 30},
