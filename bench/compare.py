@@ -103,6 +103,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
+    # (damp 3 over 1:29: 126.374 / 167.586, within noise of damp 2). At 20%, layers 3:28: 59.251
+    # (1.390x) / second slice 61.075, against 3:29's 59.643 / 61.611: small and consistent on the two
+    # slices but under the seed noise (2%); not adopted without a seed check and a full run
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:29", "damp": 2.0,
                           "calib_generate": 30},
 }
