@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
     # (damp 3 over 1:29: 126.374 / 167.586, within noise of damp 2). At 20%, layers 3:28: 59.251
     # (1.390x) / second slice 61.075, against 3:29's 59.643 / 61.611: small and consistent on the two
-    # slices but under the seed noise (2%); not adopted without a seed check and a full run
+    # slices but under the seed noise (2%); seed 1 1.426x against 1.428x: not adopted
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:29", "damp": 2.0,
                           "calib_generate": 30},
 }
