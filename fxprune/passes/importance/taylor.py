@@ -42,6 +42,7 @@ from torch import nn
 from ...capture import call_extras, main_outputs
 from ...depgraph import Group, Member
 from ...errors import FxpruneError
+from ...lm_loss import lm_loss_fn
 from .base import ImportanceRequest, aggregate, param, unit_scores
 
 # per-element scores of a parameter, or {dim: scores summed over the other dims (keepdim)}, or None
@@ -152,6 +153,18 @@ def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return calibration_output(model, batch)[1]
 
 
+def loss_function(model: nn.Module, batches: list[Any]) -> Callable[[Any], torch.Tensor]:
+    """The calibration loss for ``batches``: on token-id tensors of a causal LM whose logits are its
+    head over its decoder, the same loss with the head made in chunks (:mod:`fxprune.lm_loss`: no
+    full logits tensor); otherwise :func:`calibration_loss`."""
+    first = batches[0] if batches else None
+    if isinstance(first, torch.Tensor) and getattr(model, "config", None) is not None:
+        fast = lm_loss_fn(model, first)
+        if fast is not None:
+            return lambda b: fast(b) if isinstance(b, torch.Tensor) else calibration_loss(model, b)
+    return lambda b: calibration_loss(model, b)
+
+
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -212,12 +225,13 @@ def backward_passes(req: ImportanceRequest, tag: str, per_sample: bool = False) 
     """
     batches = require_batches(req, tag)
     total = sum(_rows(b) for b in batches)
+    loss_of = loss_function(req.model, batches)
     step = 0
     for batch in batches:
         parts = _split_samples(batch) if per_sample else [batch]
         for part in parts:
             with autocast(req.precision, req.model):
-                loss = calibration_loss(req.model, part)
+                loss = loss_of(part)
             weight = 1.0 if per_sample else _rows(part) / total
             (loss * weight).backward()
             del loss
@@ -301,8 +315,8 @@ def _taylor(req: ImportanceRequest, how: str) -> dict[str, np.ndarray]:
                 p = params.get(name)
                 if p is None or p.grad is None:
                     return None
-                wg = p.detach().float() * p.grad.float()
-                p.grad = None  # free as we go: peak is the model plus its member gradients
+                g, p.grad = p.grad, None  # free as we go: peak is the model plus its member gradients
+                wg = g.mul_(p.detach()) if g.dtype == torch.float32 else p.detach().float() * g.float()
                 return wg if how == "vector" else wg.abs_()
 
             return score_groups(req, element, abs_of_sums=how == "vector")
