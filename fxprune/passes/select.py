@@ -168,9 +168,17 @@ def select(dg: DependencyGraph, scores: dict[str, np.ndarray], sel: Selection) -
         build = lambda x: _plan_global(groups, norm, x, sel)  # noqa: E731
         lo, hi = float(allv.min()) - 1e-9, float(allv.max()) + 1e-9
 
+    counted: dict[tuple[int, ...], int] = {}
+
+    def count(plan: Plan) -> int:  # the count depends only on how many units each group keeps
+        key = tuple(len(plan.keep[g.id]) for g in groups)
+        if key not in counted:
+            counted[key] = params_after(dg, plan)
+        return counted[key]
+
     most = build(hi)
-    if params_after(dg, most) > target:
-        reached = 1.0 - params_after(dg, most) / total
+    if count(most) > target:
+        reached = 1.0 - count(most) / total
         raise PlanError(
             f"ratio {sel.ratio:g} cannot be reached: pruning every targeted group "
             f"({', '.join(sel.targets)}) to its minimum removes {reached:.1%} of the parameters; "
@@ -178,7 +186,7 @@ def select(dg: DependencyGraph, scores: dict[str, np.ndarray], sel: Selection) -
         )
     for _ in range(40):  # bisection on the monotone knob: more pruning as x grows
         mid = (lo + hi) / 2
-        if params_after(dg, build(mid)) > target:
+        if count(build(mid)) > target:
             lo = mid
         else:
             hi = mid
