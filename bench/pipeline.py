@@ -25,6 +25,16 @@ tools run (10 x 128 tokens in batches of 5, gradients for the MLP weights of lay
 82% ``aten::mm`` (6.36 of 7.75 s self CPU), about 130 GFLOP/s on the ~840 GFLOP the layer shapes
 imply. The 0.5 target needs fewer FLOPs than the same job takes, not faster code around it.
 
+On a 2-core AMX Xeon (2026-12-05; bf16 native), medians of ``--repeats 3``: Torch-Pruning 5.98 s
+(gradients 4.87); fxprune 6.42 s (capture 1.41, importance 3.95, rewrite 0.71): ratio 1.075;
+fxprune-bf16 5.03 s (importance 2.52): ratio 0.842. The chunked LM-head loss (fxprune/lm_loss.py)
+took the importance stage from 4.06 to 3.95 s (fp32) and 2.60 to 2.46 s (bf16) in fresh processes
+(3 alternating runs each) and peak RSS from 2.46 to 2.16 GB; inside one long-lived process, where
+the 126 MB logits tensors of the model's own loss are page-faulted in anew, 5.39 -> 3.97 s. The
+fp32 importance stage is 0.81x Torch-Pruning's gradient stage, but capture (1.4 s) and rewrite
+(0.7 s) against its build and prune (0.96 s) keep the ratio near 1; 0.5 would need the whole run
+under 3 s, less than either tool's forward+backward in fp32.
+
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
 
