@@ -100,6 +100,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.003-0.017 in 1-15, 0.03-0.05 in 16-27, 0.125 in 29) g 0.5 gave 137.439 (3.224x, uniform
     # 3.295x) but 173.832 on the second slice against uniform 170.212; layer 29 alone at 0.4x 3.252x.
     # Mixed at both ratios: the probe (a second prune plus 26-29 evaluations) is not worth its time.
+    # Written windows chosen by the dense model's loss (2026-12-05, 2-core AMX Xeon; 60 written with
+    # seed 0, whose first 30 are this preset's and reproduce 59.644 / 1.3989x): the 30 it finds most
+    # likely 62.731 (1.471x), the 30 least likely 62.001 (1.454x). Both worse; which 30 windows are
+    # used moves the result by 4-5%, more than any method change tried at 20%.
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
