@@ -85,9 +85,12 @@ def apply_plan(program: Program, dg: DependencyGraph, plan: Plan) -> RewriteResu
     """Physically prune a copy of ``program.model`` and of its graph according to ``plan``."""
     plan.validate(dg)
     masks = KeepMasks(dg, plan)
-    model = copy.deepcopy(program.model)
     index = _param_indices(program, dg, masks)
-    shapes = _slice_parameters(model, program, index)
+    sliced = _sliced_tensors(program.model, index)
+    # the copy takes the sliced tensors in place of the originals (tied ones are one object, so one
+    # entry serves every alias): pruned weights are never copied whole first
+    model = copy.deepcopy(program.model, memo={id(old): new for old, new in sliced.values()})
+    shapes = {name: list(new.shape) for name, (_, new) in sliced.items()}
     notes = _update_attributes(model, program, dg, masks)
     gm = _rewrite_graph(program, dg, masks, model)
     return RewriteResult(model, gm, shapes, notes)
@@ -110,25 +113,19 @@ def _param_indices(program: Program, dg: DependencyGraph, masks: KeepMasks) -> d
     return out
 
 
-def _slice_parameters(model: nn.Module, program: Program, index: dict[str, dict[int, np.ndarray]]) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
+def _sliced_tensors(model: nn.Module, index: dict[str, dict[int, np.ndarray]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """parameter or buffer name -> (the tensor in ``model``, its kept slice as a new tensor of the
+    same kind: a Parameter keeps ``requires_grad``)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, dims in index.items():
         owner_path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        owner = model.get_submodule(owner_path)
-        old = getattr(owner, leaf)
+        old = getattr(model.get_submodule(owner_path), leaf)
         new = old.detach()
         for d, idx in sorted(dims.items()):
             new = new.index_select(d, torch.as_tensor(idx, device=new.device))
         new = new.contiguous()
-        if isinstance(old, nn.Parameter):
-            new_p = nn.Parameter(new, requires_grad=old.requires_grad)
-            for alias in program.aliases.get(name, [name]):  # tied weights stay one Parameter
-                a_path, a_leaf = alias.rsplit(".", 1) if "." in alias else ("", alias)
-                setattr(model.get_submodule(a_path), a_leaf, new_p)
-        else:
-            owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
-        shapes[name] = list(new.shape)
-    return shapes
+        out[name] = (old, nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new)
+    return out
 
 
 # -- module attributes and HF config ---------------------------------------------------------------
