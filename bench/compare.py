@@ -127,6 +127,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (2.317x, 217 s), +rec-long 54.384 (1.276x, 461 s); tp-taylor 80.491 (1.888x), tp-l2 45.1x.
 # 50% over layers 1:29 (fourth session, --methods fxprune --fx-ratios 0.5): 127.504 (2.991x, 122 s),
 # +rec 94.844 (2.225x, 205 s), +rec-long 54.275 (1.273x, 495 s).
+# Full run of 2026-12-05 on a 2-core AMX Xeon (14.7 min): the same perplexities as above to the third
+# decimal (20% 59.644 / +rec 45.041 / +rec-long 29.314; 50% 127.505 / 94.859 / 54.245; tp-taylor
+# 80.491, tp-l2 1923.345), in half the time: fxprune@0.2 50 s, +rec 112 s, +rec-long 255 s; @0.5 58 s,
+# 107 s, 219 s; tp-taylor 5.5 s.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
