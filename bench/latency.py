@@ -36,6 +36,10 @@ MLP-only round 1 1.190 / 1.080 (it keeps ~40 of the 1,536 MLP channels in layers
 matrices; round 64 cannot reach 50% there); 20% heads+MLP round 1 0.977 / 1.015 (an earlier run
 the same day 1.040 / 0.992), round 64 0.918 / 1.000; 20% MLP-only round 1 0.988 / 1.001, round 64
 1.027 / 1.016: every 20% configuration met.
+Default run on a 2-core AVX-512/AMX Xeon (2026-12-05, 11.8 min; dense 150-157 ms at batch 1,
+1.09-1.14 s at batch 8): 20% heads+MLP round 1 0.999 / 0.986, round 64 1.042 / 0.977; 20% MLP-only
+round 1 1.053 / 1.015, round 64 1.047 / 1.031; 50% heads+MLP round 1 1.044 / 0.972, round 64
+1.053 / 0.967; 50% MLP-only round 1 1.196 / 1.134 (the one miss, as before).
 
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a
