@@ -23,6 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .capture import call_extras, main_outputs
+from .errors import CaptureError
+
 CHUNK = 256  # tokens per chunk: SmolLM2's logits chunk is 50 MB in fp32
 PROBE = 8  # tokens of the probe that confirms the split
 
@@ -59,8 +62,7 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 
 def _hidden(decoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = decoder(input_ids=ids, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return main_outputs(decoder(input_ids=ids, **call_extras(decoder)))[0][0]  # last_hidden_state
 
 
 def lm_loss_fn(model: nn.Module, ids: torch.Tensor) -> LossFn | None:
@@ -81,7 +83,7 @@ def lm_loss_fn(model: nn.Module, ids: torch.Tensor) -> LossFn | None:
         with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
             want = model(input_ids=probe, use_cache=False).logits.float()
             got = head(_hidden(decoder, probe)).float()
-    except (TypeError, AttributeError, ValueError, RuntimeError):
+    except (TypeError, AttributeError, ValueError, RuntimeError, CaptureError):
         return None  # a decoder that cannot be called this way: keep the model's own loss
     # the same matmul on the same hidden state: anything but rounding means the model does more
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-6):
