@@ -419,3 +419,97 @@ def test_unknown_precision_is_a_clear_error(llama):
         IMPORTANCES["taylor-element1"](ImportanceRequest(model, dg, groups, batches, precision="fp8"))
     with pytest.raises(FxpruneError, match="unknown precision"):
         fxprune.prune(model, {"input_ids": batches[0]}, ratio=0.2, precision="half")
+
+
+# ---------------------------------------------------------------- taylor-vector from activations
+
+def _tiny_hf(arch: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":  # Conv1D weights (in, out) with biases
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0))
+    return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,  # Linear + bias
+                                          num_attention_heads=4, ffn_dim=48, max_position_embeddings=64,
+                                          word_embed_proj_dim=32))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_taylor_vector_from_activations_matches_weight_gradients(arch, llama):
+    """The activation route (no weight gradient for Linear / Conv1D weights) gives LLM-Pruner's
+    ``|sum W*G|`` of plain autograd, with biases, on both weight layouts; the weights it serves get
+    no gradient during the passes, and the weight read outside its module (the chunked LM-head loss
+    reads Llama's head) is never served."""
+    taylor = importlib.import_module("fxprune.passes.importance.taylor")
+    if arch == "llama":
+        model, dg, groups, batches = llama
+    else:
+        model = _tiny_hf(arch).eval()
+        dg = dependency_graph(capture(model, {"input_ids": torch.randint(0, 64, (2, 7))}))
+        groups = dg.prunable
+        g = torch.Generator().manual_seed(4)
+        batches = [torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (1, 9), generator=g)]
+    req = ImportanceRequest(model, dg, groups, batches)
+    params = taylor._member_params(req)
+    acts = taylor.ActivationTaylor(model, params, taylor.member_uses(groups))
+    assert len(acts.served) >= 8  # q/k/v/o or c_attn/c_proj, and the MLP's weights of both layers
+    assert "lm_head.weight" not in acts.served
+    grads_seen: list[bool] = []
+
+    def during(tag: str, step: int) -> None:
+        grads_seen.append(any(params[n].grad is not None for n in acts.served))
+
+    snap = snapshot(model)
+    got = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, groups, batches, progress=during))
+    want = expected(model, groups, batches, "taylor-vector", "sum")
+    for gid in want:
+        np.testing.assert_allclose(got[gid], want[gid], rtol=2e-3, atol=1e-8, err_msg=f"{arch} {gid}")
+    assert grads_seen == [False, False]
+    assert_unchanged(model, snap)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _ReadsWeightTwice(nn.Module):
+    """The second layer's weight is also read by a functional call outside the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h) + 0.5 * torch.nn.functional.linear(h, self.b.weight)
+
+
+def test_taylor_vector_weight_read_outside_its_module_uses_its_gradient(monkeypatch):
+    """A served weight read outside its module is caught while the passes run; they run again with
+    it on the weight-gradient route, and the scores equal plain autograd's."""
+    taylor = importlib.import_module("fxprune.passes.importance.taylor")
+    model = _ReadsWeightTwice()
+    dg = dependency_graph(capture(model, torch.randn(2, 4)))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g))]
+    runs: list[set[str]] = []
+    orig = taylor.ActivationTaylor.__enter__
+
+    def entering(self):
+        runs.append(set(self.served))
+        return orig(self)
+
+    monkeypatch.setattr(taylor.ActivationTaylor, "__enter__", entering)
+    got = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, dg.prunable, batches))
+    assert len(runs) == 2 and "b.weight" in runs[0] and "b.weight" not in runs[1] and "a.weight" in runs[1]
+    want = expected(model, dg.prunable, batches, "taylor-vector", "sum")
+    for gid in want:
+        np.testing.assert_allclose(got[gid], want[gid], rtol=2e-3, atol=1e-8, err_msg=gid)
+
+
+def test_taylor_vector_bfloat16_from_activations_close_to_float32(llama):
+    model, dg, groups, batches = llama
+    fp32 = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, groups, batches))
+    bf16 = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, groups, batches, precision="bfloat16"))
+    for gid in fp32:
+        assert not np.allclose(bf16[gid], fp32[gid], rtol=1e-6, atol=0), "autocast did not run"
+        assert np.corrcoef(bf16[gid], fp32[gid])[0, 1] > 0.95
