@@ -513,3 +513,22 @@ def test_taylor_vector_bfloat16_from_activations_close_to_float32(llama):
     for gid in fp32:
         assert not np.allclose(bf16[gid], fp32[gid], rtol=1e-6, atol=0), "autocast did not run"
         assert np.corrcoef(bf16[gid], fp32[gid])[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("precision, seqlen, during_pass", [("bfloat16", 9, "eager"), ("float32", 9, "sdpa"),
+                                                            ("bfloat16", 300, "sdpa")])
+def test_bf16_gradients_of_short_windows_use_eager_attention(precision, seqlen, during_pass, monkeypatch):
+    """CPU flash-attention backward is slow in bf16: the gradient passes switch a Hugging Face model to
+    eager attention for short windows only, and put the model's own choice back afterwards."""
+    taylor = importlib.import_module("fxprune.passes.importance.taylor")
+    monkeypatch.setattr(taylor, "native_bf16", lambda device="cpu": True)  # the switch, not the speed, is tested
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    dg = dependency_graph(capture(model, {"input_ids": torch.randint(0, 64, (2, 7))}))
+    seen: list[str] = []
+    batches = [torch.randint(0, 64, (2, seqlen), generator=torch.Generator().manual_seed(5))]
+    req = ImportanceRequest(model, dg, dg.prunable, batches, precision=precision,
+                            progress=lambda tag, step: seen.append(model.config._attn_implementation))
+    IMPORTANCES["taylor-element1"](req)
+    assert seen == [during_pass]
+    assert model.config._attn_implementation == "sdpa"
