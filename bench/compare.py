@@ -104,6 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seed 0, whose first 30 are this preset's and reproduce 59.644 / 1.3989x): the 30 it finds most
     # likely 62.731 (1.471x), the 30 least likely 62.001 (1.454x). Both worse; which 30 windows are
     # used moves the result by 4-5%, more than any method change tried at 20%.
+    # 2026-12-05 (second session, same Xeon): the refit re-solved at another damping than the choice
+    # (choice damp 4): refit damp 1 / 2 / 8 gave 59.877 / 59.633 / 60.205 (1.404x / 1.399x / 1.412x)
+    # against 59.644: how strongly the refit is pulled towards W does not matter once the choice is made.
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
@@ -132,6 +135,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 80.491, tp-l2 1923.345), in half the time: fxprune@0.2 50 s, +rec 112 s, +rec-long 255 s; @0.5 58 s,
 # 107 s, 219 s; tp-taylor 5.5 s.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
+# Plain Taylor at 20% (MLP, layers 3:29, no refit; 2026-12-05, AMX Xeon): taylor-element1 80.536
+# (1.889x, as Torch-Pruning's Taylor), bf16 79.897; taylor-vector 107.055 (2.511x), bf16 105.693.
+# The vector form now skips weight gradients (importance 3.3 s against 3.9 s) but ranks worse here.
 # Calibration size (--calib-samples; both tools get the same windows, the evaluation slice moves
 # past them): 40 windows, 20%: dense 40.09, obs 53.92 (1.345x), tp-taylor 74.61 (1.861x). On the
 # protocol's eval slice with the 10 windows plus 30 from after the third slice: obs damp 3 54.47,
