@@ -35,6 +35,16 @@ fp32 importance stage is 0.81x Torch-Pruning's gradient stage, but capture (1.4 
 (0.7 s) against its build and prune (0.96 s) keep the ratio near 1; 0.5 would need the whole run
 under 3 s, less than either tool's forward+backward in fp32.
 
+Second session of 2026-12-05 (same Xeon). bf16 gradient passes of windows up to 256 tokens now run
+eager attention instead of SDPA (torch's CPU flash-attention backward is slow in bf16: decoder
+backward on 5 x 128 tokens 0.56 s against 0.34 s): fxprune-bf16 importance 2.39-2.52 s before,
+2.22-2.32 s after (single runs, alternating); ``--repeats 3``: fxprune 6.707 s (importance 4.262),
+fxprune-bf16 4.937 s (importance 2.370), Torch-Pruning 5.799 s: ratios 1.157 / 0.851 (the fp32
+importance stage, whose code did not change, ran 8% slower than in the first session: run-to-run
+noise on this machine). ``taylor-vector`` now takes no weight gradient (activation x gradient
+sums): importance 3.42-3.70 s against element1's 4.19-4.37 s in fp32, 2.08 s in bf16, but it ranks
+worse (20%, no refit: perplexity 107.1 against 80.5, bench/compare.py), so this job keeps element1.
+
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
 
