@@ -479,7 +479,7 @@ def _taylor(req: ImportanceRequest, how: str) -> dict[str, np.ndarray]:
     try:
         if how == "vector":
             acts = ActivationTaylor(req.model, params, member_uses(req.groups))
-            for _attempt in range(2):
+            while True:  # ends: each rerun serves fewer weights (foreign ones are served ones)
                 freeze_all_but(req.model, [p for n, p in params.items() if n not in acts.served])
                 with acts:
                     for _ in backward_passes(req, tag, around_forward=acts.watching) if params else ():
