@@ -39,9 +39,10 @@ Second session of 2026-12-05 (same Xeon). bf16 gradient passes of windows up to 
 eager attention instead of SDPA (torch's CPU flash-attention backward is slow in bf16: decoder
 backward on 5 x 128 tokens 0.56 s against 0.34 s): fxprune-bf16 importance 2.39-2.52 s before,
 2.22-2.32 s after (single runs, alternating); ``--repeats 3``: fxprune 6.707 s (importance 4.262),
-fxprune-bf16 4.937 s (importance 2.370), Torch-Pruning 5.799 s: ratios 1.157 / 0.851 (the fp32
-importance stage, whose code did not change, ran 8% slower than in the first session: run-to-run
-noise on this machine). ``taylor-vector`` now takes no weight gradient (activation x gradient
+fxprune-bf16 4.937 s (importance 2.370), Torch-Pruning 5.799 s: ratios 1.157 / 0.851; a second
+``--repeats 3`` run later: fxprune 6.501 s (importance 4.017), fxprune-bf16 4.771 s (importance
+2.261), Torch-Pruning 6.298 s: ratios 1.032 / 0.758. (The fp32 importance code did not change:
+3.95 / 4.26 / 4.02 s over three runs is this machine's run-to-run noise.) ``taylor-vector`` now takes no weight gradient (activation x gradient
 sums): importance 3.42-3.70 s against element1's 4.19-4.37 s in fp32, 2.08 s in bf16, but it ranks
 worse (20%, no refit: perplexity 107.1 against 80.5, bench/compare.py), so this job keeps element1.
 
