@@ -40,6 +40,9 @@ Default run on a 2-core AVX-512/AMX Xeon (2026-12-05, 11.8 min; dense 150-157 ms
 1.09-1.14 s at batch 8): 20% heads+MLP round 1 0.999 / 0.986, round 64 1.042 / 0.977; 20% MLP-only
 round 1 1.053 / 1.015, round 64 1.047 / 1.031; 50% heads+MLP round 1 1.044 / 0.972, round 64
 1.053 / 0.967; 50% MLP-only round 1 1.196 / 1.134 (the one miss, as before).
+Again later that day (same machine, ~20 min): 20% heads+MLP round 1 1.006 / 0.993, round 64
+1.020 / 0.983; 20% MLP-only round 1 1.050 / 1.027, round 64 1.056 / 1.035; 50% heads+MLP round 1
+1.075 / 0.963, round 64 1.044 / 0.960; 50% MLP-only round 1 1.184 / 1.158 (the miss again).
 
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a
