@@ -532,3 +532,38 @@ def test_bf16_gradients_of_short_windows_use_eager_attention(precision, seqlen, 
     IMPORTANCES["taylor-element1"](req)
     assert seen == [during_pass]
     assert model.config._attn_implementation == "sdpa"
+
+
+class _KeywordInput(nn.Module):
+    """The second layer is called with its input as a keyword: no pre-hook sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(input=torch.relu(self.a(x)))
+
+
+def test_taylor_vector_layer_called_by_keyword_uses_its_gradient(monkeypatch):
+    """A layer whose hooks gather nothing (input passed as a keyword) goes back to the weight
+    gradient, so its scores are still autograd's."""
+    taylor = importlib.import_module("fxprune.passes.importance.taylor")
+    model = _KeywordInput()
+    dg = dependency_graph(capture(model, torch.randn(2, 4)))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g))]
+    runs: list[set[str]] = []
+    orig = taylor.ActivationTaylor.__enter__
+
+    def entering(self):
+        runs.append(set(self.served))
+        return orig(self)
+
+    monkeypatch.setattr(taylor.ActivationTaylor, "__enter__", entering)
+    got = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, dg.prunable, batches))
+    want = expected(model, dg.prunable, batches, "taylor-vector", "sum")
+    for gid in want:
+        np.testing.assert_allclose(got[gid], want[gid], rtol=2e-3, atol=1e-8, err_msg=gid)
+    assert "b.weight" in runs[0] and all("b.weight" not in r for r in runs[1:])

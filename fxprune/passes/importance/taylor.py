@@ -377,8 +377,8 @@ class ActivationTaylor:
     only (a tied weight's gradient also has its other users' share) and the forward reads it nowhere
     else: during each forward (:meth:`watching`) a torch-function mode records every served weight an
     op reads outside its own module's call (the chunked LM-head loss reads the head's weight, so the
-    output embedding is never served). :func:`_taylor` runs the passes again with those weights on
-    the weight-gradient route. Where no earlier tensor carries a gradient, a hooked layer's input
+    output embedding is never served). :func:`_taylor` runs the passes again with those weights (and
+    any whose module ran but whose hooks saw no gradient) on the weight-gradient route. Where no earlier tensor carries a gradient, a hooked layer's input
     is made a leaf so the backward still reaches it; gradients downstream of it are the same.
     """
 
@@ -401,6 +401,7 @@ class ActivationTaylor:
             self.served[name] = (own[0], {"in" if d == dims[0] else "out" for d in used})
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
         self.foreign: set[str] = set()  # served weights read outside their module
+        self.ran: set[str] = set()  # served weights whose module was called with grad enabled
         self._active: list[nn.Module] = []
         self._handles: list[Any] = []
 
@@ -427,6 +428,8 @@ class ActivationTaylor:
     def _pre_hook(self, name: str, sides: set[str]) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: tuple) -> tuple | None:
             self._active.append(mod)
+            if torch.is_grad_enabled():
+                self.ran.add(name)
             x = args[0] if args else None
             if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 return None
@@ -451,12 +454,20 @@ class ActivationTaylor:
             out.register_hook(lambda g: self._add((name, "out"), saved, g))
         return hook
 
+    def unserved(self) -> set[str]:
+        """Served weights the passes could not score from activations: read outside their module, or
+        their module ran but no gradient reached a hook (its input came as a keyword, say)."""
+        silent = {n for n in self.ran
+                  if not any((n, side) in self.sums for side in self.served[n][1])}
+        return self.foreign | silent
+
     def drop(self, names: set[str]) -> None:
         """Stop serving ``names`` and forget every sum gathered (the passes run again)."""
         for n in names:
             self.served.pop(n, None)
         self.sums.clear()
         self.foreign.clear()
+        self.ran.clear()
 
     def element(self, name: str) -> dict[int, torch.Tensor] | None:
         """``{weight dim: per-channel sum W*G, keepdim}`` for a served weight (None: none gathered)."""
@@ -479,14 +490,15 @@ def _taylor(req: ImportanceRequest, how: str) -> dict[str, np.ndarray]:
     try:
         if how == "vector":
             acts = ActivationTaylor(req.model, params, member_uses(req.groups))
-            while True:  # ends: each rerun serves fewer weights (foreign ones are served ones)
+            while True:  # ends: each rerun serves fewer weights (unserved() is a subset of served)
                 freeze_all_but(req.model, [p for n, p in params.items() if n not in acts.served])
                 with acts:
                     for _ in backward_passes(req, tag, around_forward=acts.watching) if params else ():
                         pass
-                if not acts.foreign:
+                redo = acts.unserved()
+                if not redo:
                     break
-                acts.drop(acts.foreign)  # read outside their module: their activations miss a share
+                acts.drop(redo)  # e.g. read outside their module: their activations miss a share
 
             def vector(name: str) -> torch.Tensor | Mapping[int, torch.Tensor] | None:
                 if name in acts.served:
