@@ -483,29 +483,6 @@ class _ReadsWeightTwice(nn.Module):
         return self.b(h) + 0.5 * torch.nn.functional.linear(h, self.b.weight)
 
 
-def test_taylor_vector_weight_read_outside_its_module_uses_its_gradient(monkeypatch):
-    """A served weight read outside its module is caught while the passes run; they run again with
-    it on the weight-gradient route, and the scores equal plain autograd's."""
-    taylor = importlib.import_module("fxprune.passes.importance.taylor")
-    model = _ReadsWeightTwice()
-    dg = dependency_graph(capture(model, torch.randn(2, 4)))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g))]
-    runs: list[set[str]] = []
-    orig = taylor.ActivationTaylor.__enter__
-
-    def entering(self):
-        runs.append(set(self.served))
-        return orig(self)
-
-    monkeypatch.setattr(taylor.ActivationTaylor, "__enter__", entering)
-    got = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, dg.prunable, batches))
-    assert len(runs) == 2 and "b.weight" in runs[0] and "b.weight" not in runs[1] and "a.weight" in runs[1]
-    want = expected(model, dg.prunable, batches, "taylor-vector", "sum")
-    for gid in want:
-        np.testing.assert_allclose(got[gid], want[gid], rtol=2e-3, atol=1e-8, err_msg=gid)
-
-
 def test_taylor_vector_bfloat16_from_activations_close_to_float32(llama):
     model, dg, groups, batches = llama
     fp32 = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, groups, batches))
@@ -534,23 +511,20 @@ def test_bf16_gradients_of_short_windows_use_eager_attention(precision, seqlen, 
     assert model.config._attn_implementation == "sdpa"
 
 
-class _KeywordInput(nn.Module):
+class _KeywordInput(_ReadsWeightTwice):
     """The second layer is called with its input as a keyword: no pre-hook sees it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(input=torch.relu(self.a(x)))
 
 
-def test_taylor_vector_layer_called_by_keyword_uses_its_gradient(monkeypatch):
-    """A layer whose hooks gather nothing (input passed as a keyword) goes back to the weight
-    gradient, so its scores are still autograd's."""
+@pytest.mark.parametrize("make", [_ReadsWeightTwice, _KeywordInput])
+def test_taylor_vector_falls_back_to_the_weight_gradient(make, monkeypatch):
+    """A served weight the activations cannot score (read outside its module; its layer called with
+    a keyword input, so no hook sees it) is caught while the passes run; they run again with it on
+    the weight-gradient route, and the scores equal plain autograd's."""
     taylor = importlib.import_module("fxprune.passes.importance.taylor")
-    model = _KeywordInput()
+    model = make()
     dg = dependency_graph(capture(model, torch.randn(2, 4)))
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g))]
@@ -563,7 +537,7 @@ def test_taylor_vector_layer_called_by_keyword_uses_its_gradient(monkeypatch):
 
     monkeypatch.setattr(taylor.ActivationTaylor, "__enter__", entering)
     got = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, dg.prunable, batches))
+    assert len(runs) == 2 and "b.weight" in runs[0] and "b.weight" not in runs[1] and "a.weight" in runs[1]
     want = expected(model, dg.prunable, batches, "taylor-vector", "sum")
     for gid in want:
         np.testing.assert_allclose(got[gid], want[gid], rtol=2e-3, atol=1e-8, err_msg=gid)
-    assert "b.weight" in runs[0] and all("b.weight" not in r for r in runs[1:])
