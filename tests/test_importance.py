@@ -470,19 +470,6 @@ def test_taylor_vector_from_activations_matches_weight_gradients(arch, llama):
     assert all(p.grad is None for p in model.parameters())
 
 
-class _ReadsWeightTwice(nn.Module):
-    """The second layer's weight is also read by a functional call outside the layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        return self.b(h) + 0.5 * torch.nn.functional.linear(h, self.b.weight)
-
-
 def test_taylor_vector_bfloat16_from_activations_close_to_float32(llama):
     model, dg, groups, batches = llama
     fp32 = IMPORTANCES["taylor-vector"](ImportanceRequest(model, dg, groups, batches))
@@ -509,6 +496,19 @@ def test_bf16_gradients_of_short_windows_use_eager_attention(precision, seqlen, 
     IMPORTANCES["taylor-element1"](req)
     assert seen == [during_pass]
     assert model.config._attn_implementation == "sdpa"
+
+
+class _ReadsWeightTwice(nn.Module):
+    """The second layer's weight is also read by a functional call outside the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h) + 0.5 * torch.nn.functional.linear(h, self.b.weight)
 
 
 class _KeywordInput(_ReadsWeightTwice):
