@@ -53,6 +53,7 @@ from ..data import stack_windows
 from ..depgraph import DependencyGraph
 from ..errors import FxpruneError
 from ..plan import Plan
+from .importance.base import INPUT_DIM
 from .importance.taylor import run_batch
 from .residual import StreamRecorder, Tap, check_taps, drift_terms, find_taps
 from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
@@ -61,8 +62,6 @@ from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter ->
 # memory available at the call (one_pass_budget); an int fixes it (tests set small ones).
 ONE_PASS_BYTES: int | None = None
 ONE_PASS_MIN_BYTES, ONE_PASS_MAX_BYTES = 1 << 30, 8 << 30
-# module class name -> the weight dim that holds input features
-INPUT_DIM: dict[str, int] = {"Linear": 1, "Conv1D": 0}
 
 
 @dataclass

@@ -19,6 +19,8 @@ from ...depgraph import DependencyGraph, Group, Member
 from ...errors import FxpruneError
 
 AGGREGATES = ("sum", "mean", "max", "prod", "last")
+# Linear-like module class name -> the weight dim that holds input features (the other holds outputs)
+INPUT_DIM: dict[str, int] = {"Linear": 1, "Conv1D": 0}
 
 
 @dataclass

@@ -42,7 +42,7 @@ from torch import nn
 from ...data import stack_windows
 from ...depgraph import Group
 from ...errors import FxpruneError
-from .base import ImportanceRequest
+from .base import INPUT_DIM, ImportanceRequest
 
 STEPS = 64  # greedy rounds per group: units removed per round = ceil(to_remove / STEPS)
 LOOP_DTYPE = torch.float64  # of the greedy removal loop (float32: 5% faster, 98% of the same choices)
@@ -124,8 +124,6 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
 
 def _consumer(req: ImportanceRequest, g: Group) -> _Consumer:
     """The one Linear of ``g`` whose *input* dim holds the group's units."""
-    from ..reconstruct import INPUT_DIM
-
     found = []
     for m in g.members:
         if m.is_buffer or not m.param.endswith(".weight") or "." not in m.param:

@@ -48,7 +48,7 @@ from ...capture import call_extras, main_outputs
 from ...depgraph import Group, Member
 from ...errors import FxpruneError
 from ...lm_loss import lm_loss_fn
-from .base import ImportanceRequest, aggregate, param, unit_scores
+from .base import INPUT_DIM, ImportanceRequest, aggregate, param, unit_scores
 
 # per-element scores of a parameter, or {dim: scores summed over the other dims (keepdim)}, or None
 ElementFn = Callable[[str], "torch.Tensor | Mapping[int, torch.Tensor] | None"]
@@ -337,10 +337,6 @@ def _member_params(req: ImportanceRequest) -> dict[str, torch.Tensor]:
     return out
 
 
-# Linear-like module class -> (weight dim of input features, weight dim of output features)
-LINEAR_DIMS: dict[str, tuple[int, int]] = {"Linear": (1, 0), "Conv1D": (0, 1)}
-
-
 class _ForeignReads(TorchFunctionMode):
     """Records the served weights an op reads outside their own module's call."""
 
@@ -394,11 +390,11 @@ class ActivationTaylor:
             own = owners.get(id(p), [])
             if len(own) != 1 or own[0] is head or not name.endswith(".weight") or p.dim() != 2:
                 continue
-            dims = LINEAR_DIMS.get(type(own[0]).__name__)
+            in_dim = INPUT_DIM.get(type(own[0]).__name__)
             used = {m.dim for _, _, m in uses.get(name, [])}
-            if dims is None or not used or not used <= set(dims):
+            if in_dim is None or not used or not used <= {0, 1}:
                 continue
-            self.served[name] = (own[0], {"in" if d == dims[0] else "out" for d in used})
+            self.served[name] = (own[0], {"in" if d == in_dim else "out" for d in used})
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
         self.foreign: set[str] = set()  # served weights read outside their module
         self.ran: set[str] = set()  # served weights whose module was called with grad enabled
@@ -472,13 +468,22 @@ class ActivationTaylor:
     def element(self, name: str) -> dict[int, torch.Tensor] | None:
         """``{weight dim: per-channel sum W*G, keepdim}`` for a served weight (None: none gathered)."""
         mod, sides = self.served[name]
-        in_dim, out_dim = LINEAR_DIMS[type(mod).__name__]
+        in_dim = INPUT_DIM[type(mod).__name__]
         out: dict[int, torch.Tensor] = {}
-        for side, dim in (("in", in_dim), ("out", out_dim)):
+        for side, dim in (("in", in_dim), ("out", 1 - in_dim)):
             s = self.sums.pop((name, side), None)
             if side in sides and s is not None:
                 out[dim] = s.unsqueeze(1 - dim)
         return out or None
+
+
+def _take_w_times_grad(p: torch.Tensor | None) -> torch.Tensor | None:
+    """``W * G`` in float32 from ``p.grad``, which is released (free as we go: the peak is the model
+    plus its member gradients); None without a gradient."""
+    if p is None or p.grad is None:
+        return None
+    g, p.grad = p.grad, None
+    return g.mul_(p.detach()) if g.dtype == torch.float32 else p.detach().float() * g.float()
 
 
 def _taylor(req: ImportanceRequest, how: str) -> dict[str, np.ndarray]:
@@ -501,13 +506,7 @@ def _taylor(req: ImportanceRequest, how: str) -> dict[str, np.ndarray]:
                 acts.drop(redo)  # e.g. read outside their module: their activations miss a share
 
             def vector(name: str) -> torch.Tensor | Mapping[int, torch.Tensor] | None:
-                if name in acts.served:
-                    return acts.element(name)
-                p = params.get(name)
-                if p is None or p.grad is None:
-                    return None
-                g, p.grad = p.grad, None
-                return g.mul_(p.detach()) if g.dtype == torch.float32 else p.detach().float() * g.float()
+                return acts.element(name) if name in acts.served else _take_w_times_grad(params.get(name))
 
             return score_groups(req, vector, abs_of_sums=True)
         freeze_all_but(req.model, list(params.values()))
@@ -516,12 +515,8 @@ def _taylor(req: ImportanceRequest, how: str) -> dict[str, np.ndarray]:
                 pass
 
             def element(name: str) -> torch.Tensor | None:
-                p = params.get(name)
-                if p is None or p.grad is None:
-                    return None
-                g, p.grad = p.grad, None  # free as we go: peak is the model plus its member gradients
-                wg = g.mul_(p.detach()) if g.dtype == torch.float32 else p.detach().float() * g.float()
-                return wg.abs_()
+                wg = _take_w_times_grad(params.get(name))
+                return None if wg is None else wg.abs_()
 
             return score_groups(req, element)
 
