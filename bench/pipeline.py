@@ -8,9 +8,9 @@ tool runs in its own fresh process (the script calls itself with ``--only TOOL``
                    ``result.report["timings"]``: capture, groups, importance (gradients included),
                    select, rewrite, verify (+ any stage a newer fxprune adds); ``call_s`` is the whole
                    ``fxprune.prune`` call (it also builds the report: MACs before/after)
-    fxprune-bf16   the same with the gradients under bf16 autocast (``precision="bfloat16"``); on a CPU
-                   without bf16 instructions fxprune runs float32 instead (its line then says
-                   ``"bf16_native": false``)
+    fxprune-bf16   the same with the gradients in bf16 (``precision="bfloat16"``: bf16 weights under
+                   autocast); on a CPU without bf16 instructions fxprune runs float32 instead (its
+                   line then says ``"bf16_native": false``)
     torch-pruning  build (MetaPruner: dependency graph), gradients (10 backward passes), importance
                    (the Taylor scorer's own calls inside step), prune (the rest of step)
 

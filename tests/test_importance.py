@@ -395,6 +395,31 @@ def test_bfloat16_taylor_ranks_like_float32(llama):
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_bf16_passes_hold_bf16_weights_and_put_the_originals_back(llama, fail):
+    """During bf16 passes the parameters hold bf16 copies (no per-forward weight casts); after them,
+    even when a pass fails, each parameter holds its own float32 tensor again, bit for bit."""
+    model, dg, groups, batches = llama
+    before = {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
+    seen: list[set[torch.dtype]] = []
+
+    def during(tag: str, step: int) -> None:
+        seen.append({p.dtype for p in model.parameters()})
+        if fail:
+            raise RuntimeError("interrupted")
+
+    req = ImportanceRequest(model, dg, groups, batches, precision="bfloat16", progress=during)
+    if fail:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            IMPORTANCES["taylor-element1"](req)
+    else:
+        IMPORTANCES["taylor-element1"](req)
+    assert seen and all(s == {torch.bfloat16} for s in seen)
+    for n, p in model.named_parameters():
+        value, ptr = before[n]
+        assert p.dtype == torch.float32 and p.data_ptr() == ptr and torch.equal(p.detach(), value), n
+
+
 def test_bfloat16_without_cpu_support_runs_float32_with_a_note(llama, monkeypatch):
     """prune(precision="bfloat16") on a CPU that would emulate bf16 (17x slower) runs the gradients
     in float32: the same plan as float32, and a note that says why."""
