@@ -114,12 +114,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # moments and drift terms (positions 1-15 at 0.2; or t/64 clipped to 0.25-1.5): 1.425x / 1.425x.
     # Without the written windows (10 real, damp 8) the same shape: +0.079 nats at 0-15, +0.491 after,
     # so it is not that the written windows are model text from position 16 on.
+    # 2026-12-06 (same Xeon), 20% at damp 4, not kept: OBS moments and drift terms with each token
+    # weighted by ||dL/dy||^2 at the consumer's output (dense model; GuidedQuant's per-token
+    # weighting) 64.044 (1.502x), by ||dL/dy|| 60.800 (1.426x). Written windows sampled with top-p
+    # 0.95 / 0.9 (T=1): 60.850 (1.427x) / 63.018 (1.478x); seed 1, top-p 0.95 1.455x against 1.428x.
+    # Like lower temperatures, cutting the tail of the model's distribution makes worse calibration.
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
     # (damp 3 over 1:29: 126.374 / 167.586, within noise of damp 2). At 20%, layers 3:28: 59.251
     # (1.390x) / second slice 61.075, against 3:29's 59.643 / 61.611: small and consistent on the two
     # slices but under the seed noise (2%); seed 1 1.426x against 1.428x: not adopted
+    # 2026-12-06: 60 written windows at damp 2 / 1.5: 126.453 (2.966x) / 127.439 (2.989x); 90 at damp 1
+    # 124.430 (2.918x, prune 141 s against ~60 s): within the seed noise (seed 1 at 30: 3.025x)
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:29", "damp": 2.0,
                           "calib_generate": 30},
 }
