@@ -135,19 +135,19 @@ def drift_terms(dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor,
     tokens): ``drift`` = E^T X' and, for an intercept, ``drift_1`` = E^T 1. Every output row of the
     dense layer (the stream's width) is covered; with ``kept_out`` (the stream itself pruned) the
     other rows get zero, they are cut after the solve."""
-    dense_h = dense_h.double()
+    dense_h = dense_h.to(xp.dtype)
     if kept_out is None:
-        e = dense_h - pruned_h
+        e = dense_h - pruned_h.to(xp.dtype)
     else:
         kept = torch.as_tensor(kept_out)
         e = torch.zeros_like(dense_h)
-        e[:, kept] = dense_h[:, kept] - pruned_h
-    return {"drift": e.T @ xp, "drift_1": e.sum(0)}
+        e[:, kept] = dense_h[:, kept] - pruned_h.to(xp.dtype)
+    return {"drift": (e.T @ xp).double(), "drift_1": e.sum(0).double()}
 
 
 class StreamRecorder:
     """Forward pre-hooks keeping, per tap, the latest residual stream its block read (flattened to
-    rows, float64); ``reset()`` before each forward so a module called twice keeps its first call."""
+    rows, float32); ``reset()`` before each forward so a module called twice keeps its first call."""
 
     def __init__(self, model: nn.Module, taps: dict[str, Tap]):
         self.values: dict[str, torch.Tensor] = {}
@@ -158,7 +158,7 @@ class StreamRecorder:
     def _hook(self, stream: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
             if stream not in self.values:
-                self.values[stream] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                self.values[stream] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         return hook
 
     def reset(self) -> None:
