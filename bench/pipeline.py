@@ -46,6 +46,14 @@ fxprune-bf16 4.937 s (importance 2.370), Torch-Pruning 5.799 s: ratios 1.157 / 0
 sums): importance 3.42-3.70 s against element1's 4.19-4.37 s in fp32, 2.08 s in bf16, but it ranks
 worse (20%, no refit: perplexity 107.1 against 80.5, bench/compare.py), so this job keeps element1.
 
+2026-12-06 (same Xeon): bf16 passes now hold bf16 copies of the weights instead of autocast casting
+each weight in every forward (importance 2.07-2.12 s against 2.25-2.28 s, alternating single runs).
+``--repeats 3``: fxprune 6.535 s (capture 1.549, importance 3.895, rewrite 0.671), fxprune-bf16
+4.645 s (importance 2.055), Torch-Pruning 5.982 s: ratios 1.092 / 0.776. What is left besides the
+gradients: capture 1.5 s (torch.export of two layers 0.7 s warm, 1.2 s in a fresh process; stitching
+0.19; the stitched program checked against eager 0.18-0.24), rewrite 0.67 (``ExportedProgram.module()``
+0.31-0.54 of it: four recompiles of the 2,364-node graph), select 0.14, verify 0.14, groups 0.07.
+
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
 
