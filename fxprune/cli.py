@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recovery loss: W x KL to the dense model's next-token distribution + (1 - W) x the "
                          "text's cross-entropy; --distill alone: W = 1 (measured best at 20%%: 0.5)")
     pr.add_argument("--precision", choices=sorted(PRECISION_NAMES), default="fp32",
-                    help="forward/backward precision of gradient importance (bf16: bf16 weights under autocast, about 2x faster "
-                         "on CPUs with bf16 instructions, fp32 with a note elsewhere; the pruned model stays fp32)")
+                    help="forward/backward precision of gradient importance (bf16: bf16 weights under autocast, "
+                         "about 2x faster on CPUs with bf16 instructions, fp32 with a note elsewhere; the pruned "
+                         "model stays fp32)")
     pr.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA fine-tuning")
     pr.add_argument("--reconstruct", action="store_true",
                     help="refit down_proj/o_proj... on the calibration activations (least squares, no new parameters)")

@@ -37,7 +37,7 @@ class ImportanceRequest:
     progress: Callable[[str, int], None] | None = None
     keep: dict[str, int] | None = None  # units each group will keep (local ranking), for passes that select
     damp: float = 1.0  # reconstruct's relative ridge damping, for passes that rank with the refit in view
-    precision: str = "float32"  # of the gradient passes' forward/backward: "float32" or "bfloat16" (bf16 weights + autocast)
+    precision: str = "float32"  # gradient passes' forward/backward: "float32" or "bfloat16" (bf16 weights + autocast)
     residual_correction: bool = True  # refit residual writers against the dense stream (passes.residual)
     # what a pass computed that a later stage can reuse, by name; obs leaves "refit" (a Refit per
     # consumer path) and "refit_notes" so the reconstruct pass need not solve the same refit again
