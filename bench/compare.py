@@ -150,6 +150,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # decimal (20% 59.644 / +rec 45.041 / +rec-long 29.314; 50% 127.505 / 94.859 / 54.245; tp-taylor
 # 80.491, tp-l2 1923.345), in half the time: fxprune@0.2 50 s, +rec 112 s, +rec-long 255 s; @0.5 58 s,
 # 107 s, 219 s; tp-taylor 5.5 s.
+# Full run of 2026-12-06 (same Xeon), after the refit moments moved to float32 products: the same
+# perplexities (20% 59.644 / 45.041 / 29.314; 50% 127.505 / 94.860 / 54.212, recovery's last digits
+# vary run to run; tp-taylor 80.491, tp-l2 1923.345) in less time: fxprune@0.2 40.4 s (writing
+# 15.3, choosing 22.2), +rec 102 s, +rec-long 277 s; @0.5 46.8 s, 96 s, 214 s; tp-taylor 5.75 s.
+# Keeping the teacher's log-probabilities for windows recovery sees again (40 windows, 80 steps)
+# was tried: recovery 61.8 s against 60.6 s, 0.9 GB more peak memory; not kept.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Plain Taylor at 20% (MLP, layers 3:29, no refit; 2026-12-05, AMX Xeon): taylor-element1 80.536
 # (1.889x, as Torch-Pruning's Taylor), bf16 79.897; taylor-vector 107.055 (2.511x), bf16 105.693.
