@@ -230,3 +230,20 @@ def test_forwards_stop_after_the_last_refit_layer(monkeypatch, rows):
     assert heads == []
     assert rep["layers"] == 2
     assert all(not torch.equal(b, m.mlp.down_proj.weight) for b, m in zip(before, pruned.model.model.layers))
+
+
+def test_moments_are_float64_from_float32_products():
+    """The refit's moments come back float64 (every solve runs there) and match float64 products to
+    float32 rounding, also with a token whose activations are 1000x the rest (massive activations)."""
+    from fxprune.passes.reconstruct import MOMENT_DTYPE, moments
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 24, generator=gen, dtype=torch.float64)
+    x[0] *= 1000.0
+    xp = x[:, :16] + 0.01 * torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    got = moments(x.to(MOMENT_DTYPE), xp.to(MOMENT_DTYPE))
+    want = {"xx": x.T @ xp, "gram": xp.T @ xp, "dense": x.T @ x, "sx": x.sum(0), "sxp": xp.sum(0)}
+    for key, value in want.items():
+        assert got[key].dtype == torch.float64, key
+        scale = float(value.abs().max())
+        assert float((got[key] - value).abs().max()) < 1e-5 * scale, key
