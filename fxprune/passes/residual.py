@@ -135,13 +135,13 @@ def drift_terms(dense_h: torch.Tensor, pruned_h: torch.Tensor, xp: torch.Tensor,
     tokens): ``drift`` = E^T X' and, for an intercept, ``drift_1`` = E^T 1. Every output row of the
     dense layer (the stream's width) is covered; with ``kept_out`` (the stream itself pruned) the
     other rows get zero, they are cut after the solve."""
-    dense_h = dense_h.to(xp.dtype)
+    dense_h, pruned_h = dense_h.to(xp.dtype), pruned_h.to(xp.dtype)  # the products run in xp's dtype
     if kept_out is None:
-        e = dense_h - pruned_h.to(xp.dtype)
+        e = dense_h - pruned_h
     else:
         kept = torch.as_tensor(kept_out)
         e = torch.zeros_like(dense_h)
-        e[:, kept] = dense_h[:, kept] - pruned_h.to(xp.dtype)
+        e[:, kept] = dense_h[:, kept] - pruned_h
     return {"drift": (e.T @ xp).double(), "drift_1": e.sum(0).double()}
 
 
