@@ -154,12 +154,14 @@ def paired_medians(dense: Any, pruned: Any, feed: dict[str, Any], runs: int, war
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def export(model: Any, inputs: dict[str, Any], path: Path, verify: bool, optimize: str) -> Path:
+def export(model: Any, inputs: dict[str, Any], path: Path, verify: bool, optimize: str) -> dict[str, Any]:
+    """``export_onnx``'s report (``seconds``; ``capture``: stitched or full)."""
     import fxprune
 
     info = fxprune.export_onnx(model, path, inputs, opset=OPSET, verify=verify, optimize=optimize)
-    log(f"exported {path.name} in {info['seconds']:.1f}s (max |ort - torch| {info['max_abs_diff']})")
-    return path
+    log(f"exported {path.name} in {info['seconds']:.1f}s ({info['capture']}; max |ort - torch| "
+        f"{info['max_abs_diff']})")
+    return info
 
 
 def configs(args: argparse.Namespace) -> list[tuple[float, int, tuple[str, ...]]]:
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     layers = None if args.layers == "all" else args.layers
     with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
-        dense = session(export(model, inputs, Path(tmp) / "dense.onnx", not args.no_verify, args.optimize), args.threads)
+        dense_info = export(model, inputs, Path(tmp) / "dense.onnx", not args.no_verify, args.optimize)
+        dense = session(Path(dense_info["path"]), args.threads)
         for ratio, round_to, targets in configs(args):
             name = f"r{ratio}-round{round_to}-{'+'.join(targets)}"
             log(f"--- {name}: prune (l2), export")
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                 emit({"bench": BENCH, "ratio": ratio, "round_to": round_to, "targets": ",".join(targets),
                       "layers": args.layers, "skipped": str(exc)})
                 continue
-            path = export(res, None, Path(tmp) / f"{name}.onnx", not args.no_verify, args.optimize)
+            info = export(res, None, Path(tmp) / f"{name}.onnx", not args.no_verify, args.optimize)
+            path = Path(info["path"])
             pruned = session(path, args.threads)
             param_ratio = res.report["params_after"] / dense_params
             for batch in batches:
@@ -207,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
                       "param_ratio": round(param_ratio, 4), "ms": round(ms, 2), "dense_ms": round(dense_ms, 2),
                       "latency_ratio": round(lat_ratio, 4), "latency_over_param": round(lat_ratio / param_ratio, 3),
                       "target": TARGET, "met": lat_ratio <= TARGET * param_ratio,
-                      "threads": args.threads, "runs": args.runs, "block": args.block, "optimize": args.optimize})
+                      "threads": args.threads, "runs": args.runs, "block": args.block, "optimize": args.optimize,
+                      "export_s": round(info["seconds"], 1), "export_capture": info["capture"],
+                      "dense_export_s": round(dense_info["seconds"], 1)})
             del pruned, res
             path.unlink()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx.config
@@ -195,6 +195,54 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
     program = _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])
     program.stitched = stitched
     return program
+
+
+def stitched_program(model: nn.Module, example_inputs: Any,
+                     prepare: Callable[[torch.export.ExportedProgram], torch.export.ExportedProgram]
+                     ) -> Program | None:
+    """A stitched :class:`Program` of ``model`` whose two-layer export went through ``prepare`` first.
+
+    ``prepare`` transforms the shallow program before its layer 1 is copied for the rest of the
+    stack (the ONNX exporter passes torch.onnx's decompositions, which then trace two layers, not
+    all). Nothing here compares the result with eager: the caller checks it (:func:`matches_eager`),
+    usually after rewriting it further. None when ``model`` has no stack that stitches.
+    """
+    args, kwargs = normalize_inputs(example_inputs)
+    flat = tuple(args) + tuple(kwargs.values())
+    dynamic = tuple(_dynamic_spec(t) for t in flat)
+    wrappers: list[_CaptureWrapper] = []
+
+    def export_prepared(shallow: nn.Module) -> torch.export.ExportedProgram:
+        wrappers.append(_CaptureWrapper(shallow, call_extras(model), len(args), list(kwargs)))
+        return prepare(_export(wrappers[-1], flat, dynamic))
+
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), no_node_tracebacks():
+            ep = stitched_export(model, WRAP, export_prepared, lambda _: True)
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+    if ep is None:
+        return None
+    program = _program(ep, model, args, kwargs, _input_names(model, args, kwargs),
+                       wrappers[-1].output_names or ["output"])
+    program.stitched = True
+    return program
+
+
+def matches_eager(ep: torch.export.ExportedProgram, model: nn.Module, example_inputs: Any) -> bool:
+    """Whether ``ep`` computes what the eager ``model`` does on ``example_inputs`` (True on meta)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _same_output(ep, model, args, kwargs, tuple(args) + tuple(kwargs.values()))
+    finally:
+        for m, mode in was_training:
+            m.training = mode
 
 
 def _export(wrapper: nn.Module, flat: tuple, dynamic: tuple) -> torch.export.ExportedProgram:

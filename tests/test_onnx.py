@@ -333,3 +333,76 @@ def test_multi_output_rule_guard_keeps_results_and_restores_the_rules():
     assert not any("try_rewrite" in vars(r) for r in rewriter._DEFAULT_REWRITE_RULES)
     ops = [n.op_type for n in guarded.graph]
     assert ops == [n.op_type for n in plain.graph] and "Split" in ops
+
+
+def deep_llama() -> nn.Module:
+    """Four layers: enough for the capture and the ONNX export to stitch (fxprune.stitch.MIN_LAYERS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+@pytest.fixture(scope="module")
+def pruned_deep(tmp_path_factory):
+    """A PruneResult with layers of different widths (heads and MLP), exported the stitched way."""
+    model = deep_llama()
+    result = fxprune.prune(model, example("llama"), ratio=0.3, importance="taylor-element1",
+                           targets=("heads", "mlp"), mode="global", calib=torch.randint(0, VOCAB, (4, 16)))
+    widths = {m.mlp.up_proj.out_features for m in result.model.model.layers}
+    assert len(widths) > 1, "the test needs layers of different widths"
+    path = tmp_path_factory.mktemp("stitched") / "pruned.onnx"
+    return model, result, path, export_onnx(result, path)
+
+
+def test_prune_result_exports_stitched_with_per_layer_widths(pruned_deep):
+    model, result, path, rep = pruned_deep
+    assert rep["capture"] == "stitched"
+    assert rep["max_abs_diff"] <= 1e-4
+    assert [i["name"] for i in rep["inputs"]] == ["input_ids", "attention_mask"]
+    assert [o["name"] for o in rep["outputs"]] == ["logits"] and rep["outputs"][0]["shape"][:2] == ["batch", "sequence"]
+    for batch, seq, seed in [(3, 11, 5), (1, 4, 6)]:
+        x = example("llama", batch, seq, seed)
+        np.testing.assert_allclose(ort_out(path, x), torch_out(result.model, x), atol=1e-4)
+    init = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    assert init < sum(p.numel() for p in model.parameters())
+
+
+def test_stitched_and_full_exports_compute_the_same(pruned_deep, tmp_path, monkeypatch):
+    _, result, path, _ = pruned_deep
+    from fxprune.exporters import onnx_stitched
+
+    monkeypatch.setattr(onnx_stitched, "stitched_onnx", lambda *a, **k: None)
+    full = tmp_path / "full.onnx"
+    assert export_onnx(result, full)["capture"] == "full"
+    x = example("llama", 2, 9, seed=7)
+    np.testing.assert_allclose(ort_out(path, x), ort_out(full, x), atol=1e-5)
+
+
+def test_stitched_export_falls_back_when_the_plan_does_not_apply(pruned_deep, tmp_path, monkeypatch):
+    _, result, _, _ = pruned_deep
+    from fxprune.passes import rewrite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: the prepared graph cannot take the plan")
+
+    monkeypatch.setattr(rewrite, "rewrite_exported", broken)
+    rep = export_onnx(result, tmp_path / "fallback.onnx")
+    assert rep["capture"] == "full" and rep["max_abs_diff"] <= 1e-4
+
+
+def test_stitched_export_refuses_a_program_that_differs_from_eager(pruned_deep, tmp_path, monkeypatch):
+    _, result, _, _ = pruned_deep
+    from fxprune.exporters import onnx_stitched
+
+    monkeypatch.setattr(onnx_stitched, "matches_eager", lambda *a, **k: False)
+    assert export_onnx(result, tmp_path / "checked.onnx")["capture"] == "full"
+
+
+def test_dense_deep_model_exports_stitched(tmp_path):
+    model = deep_llama()
+    rep = export_onnx(model, tmp_path / "dense.onnx", example("llama"))
+    assert rep["capture"] == "stitched" and rep["max_abs_diff"] <= 1e-4
+    x = example("llama", 3, 13, seed=8)
+    np.testing.assert_allclose(ort_out(tmp_path / "dense.onnx", x), torch_out(model, x), atol=1e-4)

@@ -230,3 +230,27 @@ def test_pruning_a_normalised_stream_rewrites_normalized_shape():
     got = run_model(rw.graph_module, fresh)
     assert got.shape == (3, 7, 3)
     assert (got - run_model(rw.model, fresh)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mlp"])
+def test_rewrite_exported_keeps_a_lifted_program_that_computes_the_pruned_model(arch):
+    from fxprune.passes.rewrite import rewrite_exported
+    from fxprune.stitch import run_lifted
+
+    model = tiny(arch).eval()
+    dg = fxprune.dependency_graph(fxprune.capture(model, inputs(arch)))
+    plan = exact_plan(dg)
+    rw = apply_plan(dg.program, dg, plan)
+    program = fxprune.capture(model, inputs(arch))  # rewrite_exported edits its program: a copy of our own
+    ep = rewrite_exported(program, fxprune.dependency_graph(program), plan, rw.model)
+    x = inputs(arch, 3, 11, seed=4)
+    got = run_lifted(ep, tuple(x.values()))[0]
+    assert (got - run_model(rw.model, x)).abs().max() < 1e-5
+    for spec in ep.graph_signature.input_specs:  # every placeholder's recorded shape is its tensor's
+        node = next(n for n in ep.graph.nodes if n.name == spec.arg.name)
+        tensor = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+        if tensor is not None:
+            assert tuple(node.meta["val"].shape) == tuple(tensor.shape), spec.target
+    stale = fxprune.capture(model, inputs(arch))
+    with pytest.raises(PlanError, match="has shape"):  # the unpruned tensors do not fit the plan
+        rewrite_exported(stale, fxprune.dependency_graph(stale), plan, model)

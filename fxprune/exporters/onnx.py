@@ -78,7 +78,11 @@ def export_onnx(
             SmolLM2 in onnxruntime on CPU: 2-10% faster (measured), ~30 s more export.
 
     Returns:
-        ``{"path", "opset", "max_abs_diff", "inputs", "outputs", "external_data", "seconds"}``;
+        ``{"path", "opset", "max_abs_diff", "inputs", "outputs", "external_data", "capture",
+        "seconds"}``; ``capture`` is ``"stitched"`` when two layers were decomposed and copied for
+        the rest of the stack (:mod:`fxprune.exporters.onnx_stitched`, the usual case for HF
+        models and their ``PruneResult``), ``"full"`` when the whole program went through
+        ``torch.onnx.export``;
         ``inputs`` / ``outputs`` list ``{"name", "shape", "dtype"}`` with symbolic axes named
         (``batch``, ``sequence``); ``max_abs_diff`` is ``None`` when ``verify=False``;
         ``verified_on`` maps each input name to the shape onnxruntime was checked on.
@@ -93,14 +97,18 @@ def export_onnx(
     dest = Path(path)
     if dest.is_dir():
         raise FxpruneError(f"{dest} is a directory; give the path of the .onnx file to write")
-    program = _as_program(model_or_program, example_inputs)
-    if any(p.is_meta for p in program.model.parameters()):
-        raise FxpruneError("the model is on the meta device (no weights); load real weights to export ONNX")
+    level = _optimize_level(optimize, opset)
+    fast = _stitched(model_or_program, example_inputs, opset, level == "full")
+    if fast is not None:
+        onnx_program, program = fast
+    else:
+        program = _as_program(model_or_program, example_inputs)
+        if any(p.is_meta for p in program.model.parameters()):
+            raise FxpruneError("the model is on the meta device (no weights); load real weights to export ONNX")
     in_names = _check_names("input", input_names, program.input_names)
     out_names = _check_names("output", output_names, _output_names(program))
-
-    level = _optimize_level(optimize, opset)
-    onnx_program = _torch_export(program, opset, level == "full")
+    if fast is None:
+        onnx_program = _torch_export(program, opset, level == "full")
     if level in ("light", "ort"):
         _light_optimize(onnx_program.model)
     if level == "ort":
@@ -137,6 +145,7 @@ def export_onnx(
         "inputs": _describe(onnx_program.model.graph.inputs),
         "outputs": _describe(onnx_program.model.graph.outputs),
         "external_data": big,
+        "capture": "stitched" if fast is not None else "full",
         "seconds": time.perf_counter() - t0,
     }
 
@@ -178,6 +187,38 @@ def _as_program(obj: Any, example_inputs: Any) -> Program:
         f"cannot export a {type(obj).__name__}: pass an nn.Module with example inputs, "
         "a Program from fxprune.capture, or a PruneResult"
     )
+
+
+def _stitched(obj: Any, example_inputs: Any, opset: int, optimize: bool) -> tuple[Any, Program] | None:
+    """The fast path (:mod:`.onnx_stitched`) for what it covers, else None: an HF-style module
+    with a layer stack, a stitched Program, or a PruneResult (plan + capture of the original)."""
+    from ..plan import Plan
+    from .onnx_stitched import stitched_onnx
+
+    source = pruned = plan = None
+    inputs = example_inputs
+    if isinstance(obj, Program):
+        if obj.stitched:
+            source = pruned = obj.model
+            inputs = _program_inputs(obj)
+    elif isinstance(obj, nn.Module):
+        source = pruned = obj
+    else:
+        model, program = getattr(obj, "model", None), getattr(obj, "program", None)
+        plan = getattr(obj, "plan", None)
+        if isinstance(program, Program) and isinstance(model, nn.Module) and isinstance(plan, Plan):
+            source, pruned = program.model, model
+            plan = None if model is program.model else plan
+            if inputs is None:
+                inputs = getattr(obj, "example_inputs", None)
+            if inputs is None:
+                inputs = _program_inputs(program)
+    if source is None or inputs is None or isinstance(pruned, fx.GraphModule):
+        return None
+    if any(p.is_meta for p in list(source.parameters()) + list(pruned.parameters())):
+        return None  # the ordinary path says why a meta model cannot be exported
+    with _quiet_torch_onnx():
+        return stitched_onnx(source, pruned, plan, inputs, opset, optimize)
 
 
 def _program_inputs(program: Program) -> Any:
@@ -374,17 +415,27 @@ def _multi_output_rules_skip_other_ops() -> Iterator[None]:
             del rule.try_rewrite
 
 
-def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
-    """Run ``torch.onnx.export`` on the program's ExportedProgram (dynamic dims come with it)."""
+@contextlib.contextmanager
+def _quiet_torch_onnx() -> Iterator[None]:
+    """torch.onnx without its chatter, and without per-node tracebacks (_strip_stack_traces would
+    drop them anyway)."""
     # "torchvision is not installed. Skipping torchvision::nms" x4 on every export: noise here
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)
-    # _strip_stack_traces would drop the exporter's per-node tracebacks anyway
     with warnings.catch_warnings(), no_node_tracebacks():
         # torch's own deprecation chatter (pytree LeafSpec, ...) is noise for fxprune users
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            yield
+        finally:
+            registry_log.setLevel(level)
+
+
+def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
+    """Run ``torch.onnx.export`` on the program's ExportedProgram (dynamic dims come with it)."""
+    with _quiet_torch_onnx():
         try:
             return torch.onnx.export(
                 program.exported, (), None, dynamo=True, opset_version=opset, optimize=optimize,
@@ -395,8 +446,6 @@ def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
             raise FxpruneError(
                 f"torch.onnx.export failed for {type(program.model).__name__} at opset {opset}: {msg}"
             ) from exc
-        finally:
-            registry_log.setLevel(level)
 
 
 def _rename_io(model: Any, program: Program, in_names: list[str], out_names: list[str]) -> None:

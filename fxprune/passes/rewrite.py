@@ -272,7 +272,17 @@ def _rewrite_graph(program: Program, dg: DependencyGraph, masks: KeepMasks, mode
         _set_attr(gm, f"{WRAP}.{name}", p)
     for name, b in model.named_buffers(remove_duplicate=False):
         _set_attr(gm, f"{WRAP}.{name}", b)
-    for node in gm.graph.nodes:
+    rewrite_shape_constants(gm.graph, dg, masks)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMasks) -> None:
+    """Recompute, in place, the size literals of ``graph`` that pruned dims change: view/reshape/
+    expand sizes, norm shapes, split sizes and slice bounds. ``graph`` is the graph ``dg`` was built
+    from, lifted or unlifted (node names are what count)."""
+    for node in graph.nodes:
         if node.op != "call_function":
             continue
         dims = dg.node_dims.get(node.name)
@@ -313,9 +323,68 @@ def _rewrite_graph(program: Program, dg: DependencyGraph, masks: KeepMasks, mode
             start = max(0, start + size if start < 0 else start)
             end = size if end is None else min(size, end + size if end < 0 else end)
             node.args = (node.args[0], d, int(keep[:start].sum()), int(keep[:end].sum()), *node.args[4:])
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+
+
+def rewrite_exported(program: Program, dg: DependencyGraph, plan: Plan, pruned: nn.Module) -> torch.export.ExportedProgram:
+    """``program``'s ExportedProgram with ``plan`` applied and the tensors of ``pruned`` as its state.
+
+    ``pruned`` is a model this plan already shrank (``PruneResult.model``, fine-tuned or not), so its
+    tensors are the ones to ship; ``program``, built from the unpruned model, is edited in place
+    (the caller's own copy): shape literals and every node's recorded shape follow the plan, so the
+    program stays lifted (parameters as inputs) and consistent for tools that read node shapes
+    (``torch.onnx``'s translation). Raises :class:`PlanError` when the plan does not fit ``dg`` or a
+    tensor of ``pruned`` does not have the shape the plan gives its placeholder.
+    """
+    plan.validate(dg)
+    masks = KeepMasks(dg, plan)
+    graph = program.graph
+    rewrite_shape_constants(graph, dg, masks)
+    _rewrite_node_shapes(graph, dg, masks)
+    ep = program.exported
+    tensors = {f"{WRAP}.{n}": t for n, t in pruned.named_parameters(remove_duplicate=False)}
+    tensors.update({f"{WRAP}.{n}": t for n, t in pruned.named_buffers(remove_duplicate=False)})
+    vals = {n.name: n.meta.get("val") for n in graph.nodes if n.op == "placeholder"}
+    state, constants = {}, dict(ep.constants)
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is None or (spec.target not in ep.state_dict and spec.target not in tensors):
+            continue  # user inputs; constants torch lifted out of the code keep their values
+        new = tensors.get(spec.target)
+        if new is None:
+            raise PlanError(f"the pruned model has no tensor '{spec.target[len(WRAP) + 1:]}'")
+        want = getattr(vals.get(spec.arg.name), "shape", None)
+        if want is not None and tuple(new.shape) != tuple(want):
+            raise PlanError(f"'{spec.target[len(WRAP) + 1:]}' has shape {tuple(new.shape)}; "
+                            f"the plan gives {tuple(want)}")
+        if spec.target in ep.state_dict:
+            state[spec.target] = new
+        else:
+            constants[spec.target] = new
+    graph.lint()
+    program.graph_module.recompile()
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=graph, graph_signature=ep.graph_signature, state_dict=state,
+        range_constraints=dict(ep.range_constraints), module_call_graph=list(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=constants, verifiers=[ep.verifier])
+
+
+def _rewrite_node_shapes(graph: fx.Graph, dg: DependencyGraph, masks: KeepMasks) -> None:
+    """Give each node whose dims the plan shrinks a recorded shape (``meta["val"]``) of the new size."""
+    for node in graph.nodes:
+        val, dims = node.meta.get("val"), dg.node_dims.get(node.name)
+        if not isinstance(dims, list):
+            continue
+        if isinstance(val, torch.Tensor):
+            node.meta["val"] = _resized(val, dims, masks)
+        elif isinstance(val, (list, tuple)) and len(val) == len(dims):  # split: one dims list per piece
+            node.meta["val"] = type(val)(_resized(v, d, masks) if isinstance(v, torch.Tensor) and isinstance(d, list)
+                                         else v for v, d in zip(val, dims))
+
+
+def _resized(val: torch.Tensor, dims: list, masks: KeepMasks) -> torch.Tensor:
+    if len(dims) != val.dim():
+        return val
+    shape = [_new_literal(masks, v, s) for v, s in zip(dims, val.shape)]
+    return val if shape == list(val.shape) else val.new_empty(shape)  # a fake tensor stays fake
 
 
 def _int_arg(node: fx.Node, pos: int, default: Any) -> Any:
