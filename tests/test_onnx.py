@@ -196,6 +196,32 @@ def test_wrong_reference_raises_and_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_float64_referee_passes_an_export_when_float32_torch_is_the_inaccurate_side(tmp_path, monkeypatch):
+    real = onnx_exp.reference_outputs
+
+    def noisy_float32(program, flat):  # float32 torch off by 1e-2; the float64 copy exact
+        wide = next(program.model.parameters()).dtype == torch.float64
+        return [t if wide else t + 1e-2 for t in real(program, flat)]
+
+    monkeypatch.setattr(onnx_exp, "reference_outputs", noisy_float32)
+    rep = export_onnx(tiny("gpt2"), tmp_path / "g.onnx", example("gpt2"))
+    assert rep["max_abs_diff"] == pytest.approx(1e-2, rel=0.05)  # still the honest float32 difference
+    assert len(rep["notes"]) == 1 and "as close to float64 torch" in rep["notes"][0]
+    # but where onnxruntime is further from float64 than float32 torch is, the export fails
+    monkeypatch.setattr(onnx_exp, "reference_outputs",
+                        lambda program, flat: [t + (1e-3 if next(program.model.parameters()).dtype == torch.float32
+                                                    else 5e-2) for t in real(program, flat)])
+    monkeypatch.setattr(onnx_exp, "FLOAT64_REFEREE_BYTES", int(1e9))
+    with pytest.raises(VerificationError, match=r"against float64 torch: onnxruntime .*, float32 torch"):
+        export_onnx(tiny("gpt2"), tmp_path / "h.onnx", example("gpt2"), atol=1e-5)
+    assert not (tmp_path / "h.onnx").exists()
+    # no referee for a model too large to copy in float64: the plain check decides
+    monkeypatch.setattr(onnx_exp, "reference_outputs", noisy_float32)
+    monkeypatch.setattr(onnx_exp, "FLOAT64_REFEREE_BYTES", 0)
+    with pytest.raises(VerificationError, match=r"differs from torch by [0-9.e-]+ \(> 0.0001 x output scale [0-9.e-]+\)$"):
+        export_onnx(tiny("gpt2"), tmp_path / "i.onnx", example("gpt2"))
+
+
 def test_verify_off_and_atol(tmp_path):
     rep = export_onnx(tiny("mlp"), tmp_path / "m.onnx", example("mlp"), verify=False)
     assert rep["max_abs_diff"] is None
