@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,8 +25,10 @@ from torch import fx, nn
 from .errors import FxpruneError, ModelLoadError
 from .passes.rewrite import ATTRIBUTES, _fix_standard_module
 from .depgraph import layer_of
+from .plan import Plan
 
 MANIFEST = "fxprune.json"
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
@@ -180,6 +183,30 @@ def load(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
 
         tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     return model, tokenizer
+
+
+def origin(directory: str | os.PathLike) -> tuple[nn.Module, Plan] | None:
+    """``(unpruned model on the meta device, plan)`` a saved HF model was pruned with, or None.
+
+    No weights are read: the unpruned architecture comes from the manifest's ``base_config``. It is
+    what :func:`fxprune.export_onnx` needs (``origin=``) to export the loaded model the fast,
+    stitched way. None for saved plain modules, manifests without a base config, or any failure.
+    """
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        if manifest.get("kind") != "hf" or "base_config" not in manifest:
+            return None
+        import transformers
+
+        cls = getattr(transformers, manifest["class"])
+        config = cls.config_class.from_dict(manifest["base_config"])
+        with torch.device("meta"):
+            base = cls(config).eval()
+        return base, Plan.from_json(manifest["plan"])
+    except Exception as exc:  # noqa: BLE001 -- no origin only means the slower export
+        log.debug("no origin for %s: %s: %s", d, type(exc).__name__, exc)
+        return None
 
 
 def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:

@@ -281,9 +281,12 @@ def cmd_export(args: argparse.Namespace, say: _Say) -> int:
     from .exporters.onnx import export_onnx
     from .models import example_inputs
 
+    from .checkpoint import origin
+
     model, tok = _load(args.dir, say)
     with say.task("exporting ONNX"):
-        rep = export_onnx(model, args.onnx, example_inputs(model, tok), optimize=args.optimize)
+        rep = export_onnx(model, args.onnx, example_inputs(model, tok), optimize=args.optimize,
+                          origin=origin(args.dir))
     print(json.dumps(rep, default=str) if args.json else f"wrote {rep['path']} (max |diff| vs torch {rep['max_abs_diff']:.2g})")
     return 0
 

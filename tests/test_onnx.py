@@ -432,3 +432,22 @@ def test_dense_deep_model_exports_stitched(tmp_path):
     assert rep["capture"] == "stitched" and rep["max_abs_diff"] <= 1e-4
     x = example("llama", 3, 13, seed=8)
     np.testing.assert_allclose(ort_out(tmp_path / "dense.onnx", x), torch_out(model, x), atol=1e-4)
+
+
+def test_saved_and_reloaded_model_exports_stitched_with_its_origin(pruned_deep, tmp_path):
+    from fxprune.checkpoint import origin
+
+    _, result, _, _ = pruned_deep
+    fxprune.save(result, str(tmp_path / "saved"))
+    model, _ = fxprune.load(str(tmp_path / "saved"))
+    base, plan = origin(tmp_path / "saved")
+    assert all(p.is_meta for p in base.parameters()) and plan.keep == result.plan.keep  # no weights read
+    rep = export_onnx(model, tmp_path / "reloaded.onnx", example("llama"), origin=(base, plan))
+    assert rep["capture"] == "stitched" and rep["max_abs_diff"] <= 1e-4
+    assert [i["name"] for i in rep["inputs"]] == ["input_ids", "attention_mask"]
+    assert [o["name"] for o in rep["outputs"]] == ["logits"]
+    x = example("llama", 3, 10, seed=9)
+    np.testing.assert_allclose(ort_out(tmp_path / "reloaded.onnx", x), torch_out(model, x), atol=1e-4)
+    assert origin(tmp_path) is None  # not an fxprune directory: no origin, the plain export
+    with pytest.raises(FxpruneError, match="origin must be"):
+        export_onnx(model, tmp_path / "bad.onnx", example("llama"), origin=(base, "not a plan"))

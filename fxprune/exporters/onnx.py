@@ -52,6 +52,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     optimize: bool | str | None = None,
+    origin: tuple[nn.Module, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a model to ONNX at ``path`` and (by default) verify it in onnxruntime.
 
@@ -85,6 +86,10 @@ def export_onnx(
             residual add, rotary embedding, attention); the file then runs in onnxruntime only
             (and ``onnx.checker``, which has no schema for those ops, is skipped).
             SmolLM2 in onnxruntime on CPU: 2-10% faster (measured), ~30 s more export.
+        origin: ``(unpruned model, plan)`` that a pruned ``nn.Module`` came from, so its export can
+            stitch (a pruned model's layers differ in width, so it cannot stitch by itself); the
+            unpruned model may be on the meta device. :func:`fxprune.checkpoint.origin` reads it
+            from a saved directory. A ``PruneResult`` carries its own.
 
     Returns:
         ``{"path", "opset", "max_abs_diff", "inputs", "outputs", "external_data", "capture",
@@ -108,7 +113,7 @@ def export_onnx(
     if dest.is_dir():
         raise FxpruneError(f"{dest} is a directory; give the path of the .onnx file to write")
     level = _optimize_level(optimize, opset)
-    fast = _stitched(model_or_program, example_inputs, opset, level == "full")
+    fast = _stitched(model_or_program, example_inputs, opset, level == "full", origin)
     if fast is not None:
         onnx_program, program = fast
     else:
@@ -200,9 +205,11 @@ def _as_program(obj: Any, example_inputs: Any) -> Program:
     )
 
 
-def _stitched(obj: Any, example_inputs: Any, opset: int, optimize: bool) -> tuple[Any, Program] | None:
+def _stitched(obj: Any, example_inputs: Any, opset: int, optimize: bool,
+              origin: tuple[nn.Module, Any] | None) -> tuple[Any, Program] | None:
     """The fast path (:mod:`.onnx_stitched`) for what it covers, else None: an HF-style module
-    with a layer stack, a stitched Program, or a PruneResult (plan + capture of the original)."""
+    with a layer stack (or a pruned one with its ``origin``), a stitched Program, or a
+    PruneResult (plan + capture of the original)."""
     from ..plan import Plan
     from .onnx_stitched import stitched_onnx
 
@@ -212,6 +219,10 @@ def _stitched(obj: Any, example_inputs: Any, opset: int, optimize: bool) -> tupl
         if obj.stitched:
             source = pruned = obj.model
             inputs = _program_inputs(obj)
+    elif isinstance(obj, nn.Module) and origin is not None:
+        (source, plan), pruned = origin, obj
+        if not isinstance(source, nn.Module) or not isinstance(plan, Plan):
+            raise FxpruneError("origin must be (the unpruned nn.Module, the Plan it was pruned with)")
     elif isinstance(obj, nn.Module):
         source = pruned = obj
     else:
@@ -226,8 +237,10 @@ def _stitched(obj: Any, example_inputs: Any, opset: int, optimize: bool) -> tupl
                 inputs = _program_inputs(program)
     if source is None or inputs is None or isinstance(pruned, fx.GraphModule):
         return None
-    if any(p.is_meta for p in list(source.parameters()) + list(pruned.parameters())):
+    if any(p.is_meta for p in pruned.parameters()):
         return None  # the ordinary path says why a meta model cannot be exported
+    if source is pruned and any(p.is_meta for p in source.parameters()):
+        return None
     with _quiet_torch_onnx():
         return stitched_onnx(source, pruned, plan, inputs, opset, optimize)
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..capture import Program, matches_eager, stitched_program
+from ..capture import Program, matches_eager, normalize_inputs, stitched_program
 from ..depgraph import dependency_graph
 from ..plan import Plan
 
@@ -48,10 +49,13 @@ def stitched_onnx(source: nn.Module, pruned: nn.Module, plan: Plan | None, examp
 
         registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
         program = stitched_program(
-            source, example_inputs, lambda ep: _core._prepare_exported_program_for_export(ep, registry=registry))
+            source, _like_model(source, example_inputs),
+            lambda ep: _core._prepare_exported_program_for_export(ep, registry=registry))
         if program is None:
             log.debug("stitched ONNX export: %s does not stitch", type(source).__name__)
             return None
+        if source_on_meta := any(p.is_meta for p in source.parameters()):
+            _factories_on(program.graph, next(pruned.parameters()).device)
         if plan is not None:
             from ..passes.rewrite import rewrite_exported
 
@@ -59,6 +63,9 @@ def stitched_onnx(source: nn.Module, pruned: nn.Module, plan: Plan | None, examp
         elif pruned is not source:
             return None
         program.model = pruned
+        if source_on_meta:
+            program.graph_module.recompile()
+        program.example_args, program.example_kwargs = normalize_inputs(example_inputs)
         if not matches_eager(program.exported, pruned, example_inputs):
             log.debug("stitched ONNX export: the prepared program differs from eager")
             return None
@@ -70,3 +77,25 @@ def stitched_onnx(source: nn.Module, pruned: nn.Module, plan: Plan | None, examp
     except Exception as exc:  # noqa: BLE001 -- any failure here means: export the ordinary way
         log.debug("stitched ONNX export failed (%s: %s); exporting the whole program", type(exc).__name__, exc)
         return None
+
+
+def _like_model(model: nn.Module, example_inputs: Any) -> Any:
+    """The example inputs on the meta device when ``model`` is there (an unpruned origin rebuilt
+    without weights), else as they are."""
+    if not any(p.is_meta for p in model.parameters()):
+        return example_inputs
+    args, kwargs = normalize_inputs(example_inputs)
+
+    def meta(t: Any) -> Any:
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+    return {k: meta(v) for k, v in kwargs.items()} if kwargs else tuple(meta(a) for a in args)
+
+
+def _factories_on(graph: torch.fx.Graph, device: torch.device) -> None:
+    """Point the tensor factories of a graph traced on the meta device (``arange``, ``ones``...
+    with ``device=meta``) at ``device``, where the pruned model's tensors are."""
+    meta = torch.device("meta")
+    for node in graph.nodes:
+        if node.op == "call_function" and node.kwargs.get("device") == meta:
+            node.kwargs = {**node.kwargs, "device": device}
