@@ -11,7 +11,9 @@ stitched into the full stack (:mod:`fxprune.stitch`). A prune plan is applied to
 way the rewrite pass applies it to the captured one (:func:`~fxprune.passes.rewrite.rewrite_exported`:
 dependency graph of the prepared graph, shape literals, node shapes), with the pruned model's own
 tensors as its state. The program must reproduce the pruned model's eager output on the example
-inputs; torch's translation to ONNX then runs on it.
+inputs; torch's translation to ONNX then runs on it. The unpruned model may be on the meta device
+(a reloaded model's origin, :func:`fxprune.checkpoint.origin`): the graph's tensor factories are
+then pointed at the pruned model's device.
 
 The preparation and translation steps are ``torch.onnx`` internals (``_core``; torch is pinned).
 Anything unexpected, whether a missing internal, a model that does not stitch, a plan the prepared
