@@ -232,7 +232,8 @@ def test_pruning_a_normalised_stream_rewrites_normalized_shape():
     assert (got - run_model(rw.model, fresh)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mlp"])
+# GQA with tied embeddings, layer norm, Conv1D with a fused qkv split, fused qkv and gate/up
+@pytest.mark.parametrize("arch", ["llama-9-3-tied", "bert", "gpt2", "phi3"])
 def test_rewrite_exported_keeps_a_lifted_program_that_computes_the_pruned_model(arch):
     from fxprune.passes.rewrite import rewrite_exported
     from fxprune.stitch import run_lifted
