@@ -44,6 +44,14 @@ Again later that day (same machine, ~20 min): 20% heads+MLP round 1 1.006 / 0.99
 1.020 / 0.983; 20% MLP-only round 1 1.050 / 1.027, round 64 1.056 / 1.035; 50% heads+MLP round 1
 1.075 / 0.963, round 64 1.044 / 0.960; 50% MLP-only round 1 1.184 / 1.158 (the miss again).
 
+2026-12-06 (second session, same Xeon), after ONNX export began to decompose two layers and stitch:
+the same latencies (20% heads+MLP round 1 1.011 / 1.004, round 64 1.005 / 0.987; 20% MLP-only
+round 1 1.077 / 1.035, round 64 1.043 / 1.023; 50% heads+MLP round 1 1.071 / 0.974, round 64
+1.060 / 0.988; 50% MLP-only round 1 1.201 / 1.160, the miss again), every export ``stitched``:
+17.8-22.5 s each with ``optimize="ort"`` (dense 21.3 s), where the whole-program export took
+25-28 s before the fusions' ~30 s. Each line now carries ``export_s``, ``export_capture`` and
+``dense_export_s``.
+
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a
 2-core AVX2 EPYC, 50% heads+MLP, round 64, batch 1, 2 threads (latency_over_param; batch 8 met

@@ -56,6 +56,11 @@ gradients: capture 1.5 s (torch.export of two layers 0.7 s warm, 1.2 s in a fres
 Select now sorts each group once (0.14 -> 0.06 s); ``--repeats 3`` after it: fxprune 6.229 s
 (importance 3.789), fxprune-bf16 4.606 s (importance 2.062), Torch-Pruning 6.026 s: ratios 1.034 /
 0.764 (process CPU seconds 0.965 / 0.667).
+2026-12-06 (second session, same Xeon, the machine ~15% slower all round that hour: the test suite
+too): the pipeline's code is unchanged (the rewrite's shape-literal loop moved into a function the
+ONNX exporter shares). ``--repeats 3``: fxprune 7.341 s (capture 1.919, importance 4.300, rewrite
+0.779), fxprune-bf16 5.347 s (capture 1.849, importance 2.373, rewrite 0.800), Torch-Pruning 6.626 s
+(gradients 5.381): ratios 1.108 / 0.807 (process CPU 1.024 / 0.712).
 
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """

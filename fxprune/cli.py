@@ -237,6 +237,7 @@ def format_report(r: dict[str, Any]) -> str:
                      f"({r['ppl_after'] / r['ppl_before']:.2f}x) on {r['eval_tokens']:,} held-out tokens")
     if r.get("onnx"):
         lines.append(f"ONNX {r['onnx'].get('path')} (max |diff| vs torch {r['onnx'].get('max_abs_diff', 0):.2g})")
+        lines += [f"note: {n}" for n in r["onnx"].get("notes", [])]
     per = []
     for layer, kinds in sorted(r["layers"].items(), key=lambda kv: (kv[0] != "model", int(kv[0]) if kv[0].isdigit() else -1)):
         parts = [f"{k} {v['kept']}/{v['units']}" for k, v in kinds.items() if v["kept"] != v["units"]]
@@ -287,7 +288,8 @@ def cmd_export(args: argparse.Namespace, say: _Say) -> int:
     with say.task("exporting ONNX"):
         rep = export_onnx(model, args.onnx, example_inputs(model, tok), optimize=args.optimize,
                           origin=origin(args.dir))
-    print(json.dumps(rep, default=str) if args.json else f"wrote {rep['path']} (max |diff| vs torch {rep['max_abs_diff']:.2g})")
+    print(json.dumps(rep, default=str) if args.json else "\n".join(
+        [f"wrote {rep['path']} (max |diff| vs torch {rep['max_abs_diff']:.2g})"] + [f"note: {n}" for n in rep["notes"]]))
     return 0
 
 

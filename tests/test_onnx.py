@@ -451,3 +451,33 @@ def test_saved_and_reloaded_model_exports_stitched_with_its_origin(pruned_deep, 
     assert origin(tmp_path) is None  # not an fxprune directory: no origin, the plain export
     with pytest.raises(FxpruneError, match="origin must be"):
         export_onnx(model, tmp_path / "bad.onnx", example("llama"), origin=(base, "not a plan"))
+
+
+def deep(arch: str) -> nn.Module:
+    """Four-layer (stitchable) versions of the other architectures."""
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                                          bos_token_id=0, eos_token_id=0)).eval()
+    if arch == "bert":
+        return BertModel(BertConfig(**common, max_position_embeddings=64)).eval()
+    if arch == "phi3":
+        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=2, pad_token_id=0, eos_token_id=0,
+                                          bos_token_id=0)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**common, num_key_value_heads=2, head_dim=8)).eval()
+
+
+# Conv1D with a fused qkv split, layer norm, fused qkv and gate/up, q/k norms: each prepares its own ops
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "phi3", "qwen3"])
+def test_pruned_architectures_export_stitched(arch, tmp_path):
+    model = deep(arch)
+    x = {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))}
+    result = fxprune.prune(model, x, ratio=0.2, importance="l2", targets=("heads", "mlp"), mode="global")
+    rep = export_onnx(result, tmp_path / f"{arch}.onnx")
+    assert rep["capture"] == "stitched" and rep["max_abs_diff"] <= 1e-4
+    fresh = {"input_ids": torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))}
+    np.testing.assert_allclose(ort_out(tmp_path / f"{arch}.onnx", fresh), torch_out(result.model, fresh), atol=1e-4)
