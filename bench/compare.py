@@ -154,6 +154,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # perplexities (20% 59.644 / 45.041 / 29.314; 50% 127.505 / 94.860 / 54.212, recovery's last digits
 # vary run to run; tp-taylor 80.491, tp-l2 1923.345) in less time: fxprune@0.2 40.4 s (writing
 # 15.3, choosing 22.2), +rec 102 s, +rec-long 277 s; @0.5 46.8 s, 96 s, 214 s; tp-taylor 5.75 s.
+# Full run of 2026-12-06 (second session, same Xeon, ~15% slower that hour; pruning code unchanged):
+# the same perplexities (20% 59.644 / 45.041 / 29.314; 50% 127.505 / 94.860 / 54.212; tp-taylor
+# 80.491, tp-l2 1923.345); fxprune@0.2 47.1 s, +rec 114 s, +rec-long 280 s; @0.5 51.4 s, 106 s, 234 s;
+# tp-taylor 5.9 s.
 # Keeping the teacher's log-probabilities for windows recovery sees again (40 windows, 80 steps)
 # was tried: recovery 61.8 s against 60.6 s, 0.9 GB more peak memory; not kept.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
