@@ -216,14 +216,8 @@ def stitched_program(model: nn.Module, example_inputs: Any,
         wrappers.append(_CaptureWrapper(shallow, call_extras(model), len(args), list(kwargs)))
         return prepare(_export(wrappers[-1], flat, dynamic))
 
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), no_node_tracebacks():
-            ep = stitched_export(model, WRAP, export_prepared, lambda _: True)
-    finally:
-        for m, mode in was_training:
-            m.training = mode
+    with in_eval_mode(model), torch.no_grad(), no_node_tracebacks():
+        ep = stitched_export(model, WRAP, export_prepared, lambda _: True)
     if ep is None:
         return None
     program = _program(ep, model, args, kwargs, _input_names(model, args, kwargs),
@@ -235,11 +229,17 @@ def stitched_program(model: nn.Module, example_inputs: Any,
 def matches_eager(ep: torch.export.ExportedProgram, model: nn.Module, example_inputs: Any) -> bool:
     """Whether ``ep`` computes what the eager ``model`` does on ``example_inputs`` (True on meta)."""
     args, kwargs = normalize_inputs(example_inputs)
+    with in_eval_mode(model), torch.no_grad():
+        return _same_output(ep, model, args, kwargs, tuple(args) + tuple(kwargs.values()))
+
+
+@contextlib.contextmanager
+def in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the duration; every module's own mode comes back afterwards."""
     was_training = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            return _same_output(ep, model, args, kwargs, tuple(args) + tuple(kwargs.values()))
+        yield
     finally:
         for m, mode in was_training:
             m.training = mode

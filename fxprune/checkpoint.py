@@ -28,8 +28,9 @@ from .depgraph import layer_of
 from .plan import Plan
 
 MANIFEST = "fxprune.json"
-log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def save(result: Any, directory: str | os.PathLike, *, force: bool = False, extra: dict | None = None,
