@@ -15,7 +15,8 @@ inputs; torch's translation to ONNX then runs on it. The unpruned model may be o
 (a reloaded model's origin, :func:`fxprune.checkpoint.origin`): the graph's tensor factories are
 then pointed at the pruned model's device.
 
-The preparation and translation steps are ``torch.onnx`` internals (``_core``; torch is pinned).
+The preparation and translation steps are ``torch.onnx`` internals (``_core``), measured on torch
+2.13 (pyproject allows up to 2.14).
 Anything unexpected, whether a missing internal, a model that does not stitch, a plan the prepared
 graph cannot take or an output that differs, returns None, and :func:`~fxprune.exporters.onnx.export_onnx`
 runs the ordinary ``torch.onnx.export`` instead.
