@@ -257,6 +257,21 @@ def test_export_with_an_optimize_level(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_export_of_a_saved_deep_model_stitches(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "deep")
+    out = tmp_path / "out"
+    assert main(["prune", str(tmp_path / "deep"), "--ratio", "0.3", "--mode", "global", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--json", "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["capture"] == "stitched" and rep["max_abs_diff"] < 1e-4  # the saved plan and base config
+
+
 @pytest.mark.parametrize("flag, corrected", [([], 4), (["--no-residual-correction"], 0)])
 def test_reconstruct_residual_correction_flag(flag, corrected, tok_dir, capsys):
     calib = tok_dir.parent / "calib.txt"
