@@ -161,39 +161,25 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
         raise CaptureError(
             f"example batch size is {first.shape[0]}; use at least 2 so the batch dim stays dynamic"
         )
-    input_names = _input_names(model, args, kwargs)
     wrapper = _CaptureWrapper(model, call_extras(model), len(args), list(kwargs))
     flat = tuple(args) + tuple(kwargs.values())
-    dynamic = tuple(_dynamic_spec(t) for t in flat)
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
+    program = None
     try:
-        with torch.no_grad(), no_node_tracebacks():
-            ep = None
+        with in_eval_mode(model), torch.no_grad(), no_node_tracebacks():
             if stitch:
-                shallow_wrappers: list[_CaptureWrapper] = []  # a list: not a submodule of wrapper
-
-                def export_shallow(shallow: nn.Module) -> torch.export.ExportedProgram:
-                    shallow_wrappers.append(_CaptureWrapper(shallow, wrapper.extra, len(args), list(kwargs)))
-                    return _export(shallow_wrappers[-1], flat, dynamic)
-
-                ep = stitched_export(model, WRAP, export_shallow,
-                                     lambda cand: _same_output(cand, model, args, kwargs, flat))
-                if ep is not None:
-                    wrapper.output_names = shallow_wrappers[-1].output_names
-            stitched = ep is not None
-            if ep is None:
-                ep = _export(wrapper, flat, dynamic)
+                program = stitched_program(model, example_inputs, lambda ep: ep)
+                if program is not None and not _same_output(program.exported, model, args, kwargs, flat):
+                    program = None
+            if program is None:
+                ep = _export(wrapper, flat, tuple(_dynamic_spec(t) for t in flat))
     except CaptureError:
         raise
     except Exception as exc:  # torch.export raises many types; give the user one clear line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {msg}") from exc
-    finally:
-        for m, mode in was_training:
-            m.training = mode
-    program = _program(ep, model, args, kwargs, input_names, wrapper.output_names or ["output"])
-    program.stitched = stitched
+    if program is None:
+        program = _program(ep, model, args, kwargs, _input_names(model, args, kwargs),
+                           wrapper.output_names or ["output"])
     return program
 
 

@@ -279,10 +279,9 @@ def cmd_eval(args: argparse.Namespace, say: _Say) -> int:
 
 
 def cmd_export(args: argparse.Namespace, say: _Say) -> int:
+    from .checkpoint import origin
     from .exporters.onnx import export_onnx
     from .models import example_inputs
-
-    from .checkpoint import origin
 
     model, tok = _load(args.dir, say)
     with say.task("exporting ONNX"):

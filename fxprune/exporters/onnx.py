@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..capture import Program, call_extras, capture, main_outputs, no_node_tracebacks, normalize_inputs
+from ..capture import (Program, call_extras, capture, in_eval_mode, main_outputs, no_node_tracebacks,
+                       normalize_inputs)
 from ..errors import FxpruneError, VerificationError
 
 # Weights above this many bytes go to ``<name>.data`` beside the model: protobuf caps a single
@@ -239,8 +240,6 @@ def _stitched(obj: Any, example_inputs: Any, opset: int, optimize: bool,
         return None
     if any(p.is_meta for p in pruned.parameters()):
         return None  # the ordinary path says why a meta model cannot be exported
-    if source is pruned and any(p.is_meta for p in source.parameters()):
-        return None
     with _quiet_torch_onnx():
         return stitched_onnx(source, pruned, plan, inputs, opset, optimize)
 
@@ -675,15 +674,8 @@ def reference_outputs(program: Program, flat: list[Any]) -> list[torch.Tensor]:
     """torch's outputs for the flat inputs: the eager model (the ground truth the user runs)."""
     n_args = len(program.example_args)
     args, kwargs = tuple(flat[:n_args]), dict(zip(program.example_kwargs, flat[n_args:]))
-    model = program.model
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return main_outputs(_call(model, args, kwargs))[0]
-    finally:
-        for m, mode in was_training:
-            m.training = mode
+    with in_eval_mode(program.model), torch.no_grad():
+        return main_outputs(_call(program.model, args, kwargs))[0]
 
 
 def _verify(path: Path, program: Program, in_names: list[str], out_names: list[str],
@@ -725,15 +717,16 @@ def _verify(path: Path, program: Program, in_names: list[str], out_names: list[s
             # torch's float32 may be the inaccurate side (pruned models can amplify rounding): the
             # float64 result of the same model decides whether onnxruntime is wrong or torch is
             exact = exact if exact is not None else _float64_outputs(program, flat)
-            if exact is None or not _max_diff(a, exact[i]) <= max(atol * scale, _max_diff(b, exact[i])):
-                referee = "" if exact is None else (
-                    f"; against float64 torch: onnxruntime {_max_diff(a, exact[i]):.3g}, "
-                    f"float32 torch {_max_diff(b, exact[i]):.3g}")
-                raise VerificationError(f"ONNX output '{name}' differs from torch by {diff:.3g} "
-                                        f"(> {atol} x output scale {scale:.3g}){referee}")
+            off = f"differs from torch by {diff:.3g} (> {atol} x output scale {scale:.3g})"
+            if exact is None:
+                raise VerificationError(f"ONNX output '{name}' {off}")
+            ort_err, torch_err = _max_diff(a, exact[i]), _max_diff(b, exact[i])
+            if not ort_err <= max(atol * scale, torch_err):
+                raise VerificationError(f"ONNX output '{name}' {off}; against float64 torch: onnxruntime "
+                                        f"{ort_err:.3g}, float32 torch {torch_err:.3g}")
             notes.append(f"ONNX output '{name}' differs from float32 torch by {diff:.3g} (> {atol} x output "
-                         f"scale {scale:.3g}) but is as close to float64 torch ({_max_diff(a, exact[i]):.3g}) as "
-                         f"float32 torch is ({_max_diff(b, exact[i]):.3g}): this model amplifies float32 rounding")
+                         f"scale {scale:.3g}) but is as close to float64 torch ({ort_err:.3g}) as "
+                         f"float32 torch is ({torch_err:.3g}): this model amplifies float32 rounding")
             log.info(notes[-1])
         worst = max(worst, diff)
     log.debug("onnx parity on %s: max |diff| %.3g", shapes, worst)

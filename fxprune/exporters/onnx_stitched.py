@@ -57,8 +57,8 @@ def stitched_onnx(source: nn.Module, pruned: nn.Module, plan: Plan | None, examp
         if program is None:
             log.debug("stitched ONNX export: %s does not stitch", type(source).__name__)
             return None
-        if source_on_meta := any(p.is_meta for p in source.parameters()):
-            _factories_on(program.graph, next(pruned.parameters()).device)
+        if any(p.is_meta for p in source.parameters()):
+            _factories_on(program.graph_module, next(pruned.parameters()).device)
         if plan is not None:
             from ..passes.rewrite import rewrite_exported
 
@@ -66,8 +66,6 @@ def stitched_onnx(source: nn.Module, pruned: nn.Module, plan: Plan | None, examp
         elif pruned is not source:
             return None
         program.model = pruned
-        if source_on_meta:
-            program.graph_module.recompile()
         program.example_args, program.example_kwargs = normalize_inputs(example_inputs)
         if not matches_eager(program.exported, pruned, example_inputs):
             log.debug("stitched ONNX export: the prepared program differs from eager")
@@ -95,10 +93,11 @@ def _like_model(model: nn.Module, example_inputs: Any) -> Any:
     return {k: meta(v) for k, v in kwargs.items()} if kwargs else tuple(meta(a) for a in args)
 
 
-def _factories_on(graph: torch.fx.Graph, device: torch.device) -> None:
+def _factories_on(gm: torch.fx.GraphModule, device: torch.device) -> None:
     """Point the tensor factories of a graph traced on the meta device (``arange``, ``ones``...
     with ``device=meta``) at ``device``, where the pruned model's tensors are."""
     meta = torch.device("meta")
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         if node.op == "call_function" and node.kwargs.get("device") == meta:
             node.kwargs = {**node.kwargs, "device": device}
+    gm.recompile()
