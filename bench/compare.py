@@ -4,6 +4,11 @@ Same calibration slice for every method (the first 10 x 128 tokens of wikitext2_
 held-out evaluation slice (``--windows`` 128-token windows after a gap of 20 windows). Methods:
 
     dense                 the unpruned model
+    dense+rec, dense+rec-long
+                          the unpruned model given the same LoRA fine-tuning as fxprune+rec@R /
+                          fxprune+rec-long@R (same steps, text, loss and schedule; the teacher is a
+                          frozen copy of itself). The reference that separates recovery from
+                          adaptation to the text: those methods' lines add ``ppl_over_dense_rec``
     tp-taylor, tp-l2      Torch-Pruning 1.6.1 (MetaPruner, Taylor / group L2), MLP channels of layers
                           3-28 at the parameter count fxprune reaches at ``--tp-ratio`` (its GQA head
                           pruning crashes on this model)
@@ -12,9 +17,9 @@ held-out evaluation slice (``--windows`` 128-token windows after a gap of 20 win
                           ``"recover_windows": N`` there recovers on N windows taken after the
                           evaluation slice (disjoint from calibration and evaluation)
     fxprune+rec-long@R    the same plus ``--fx-recovery-long`` kwargs: by default the recipe for a
-                          user with more of their own text than the 10 calibration windows, 300
-                          steps on 600 wikitext windows after the evaluation slice (never evaluated
-                          on; under 10 minutes on 2 cores). It is in the evaluation's domain, so it
+                          user with more of their own text than the 10 calibration windows, 600
+                          steps, one each, on 600 wikitext windows after the evaluation slice (never
+                          evaluated on; under 10 minutes on 2 cores). It is in the evaluation's domain, so it
                           can go below dense: read it as recovery plus adaptation to that domain.
                           ``"recover_text": "pydoc"`` takes CPython's pydoc topics instead
 
@@ -187,14 +192,22 @@ BEST_RECOVERY = '{"recover_steps": 80, "lr": 4e-4, "recover_schedule": "cosine",
 # 20% 67.37 (1.580x, against 1.546x without recovery), 50% 186.1 (4.365x, against 4.025x); 50% with
 # the KL to the dense model only (distill 1) 181.8 (4.263x). What recovery regains is specific to
 # the text it sees.
-LONG_RECOVERY = ('{"recover_steps": 300, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.5, '
+# Until 2026-12-06 this recipe said 600 windows but trained on 300: recovery takes one window a step,
+# so 300 steps saw the first 300 (fxprune now reports rows_seen and notes unused windows). The
+# numbers above are for 300 windows seen once. 2026-12-06 (third session, AMX Xeon), 50% obs-gen:
+# 900 steps x 1 window 44.647 (1.047x, recovery 479 s); 600 steps x 2 windows (recover_batch 2)
+# 45.189 (1.060x, 602 s): on 2 cores a 2-window step costs 2 one-window steps, and fewer, larger
+# steps do worse. The dense model given the same 900 steps: 19.637 (0.461x): the pruned model is
+# 2.27x the dense one fine-tuned alike, so most of the 1.047x is adaptation to wikitext. Hence the
+# dense+rec-long line. 600 steps keep both ratios under 10 minutes (20% runs ~0.75 s a step).
+LONG_RECOVERY = ('{"recover_steps": 600, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.5, '
                  '"recover_windows": 600}')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="dense,tp-taylor,tp-l2,fxprune",
-                    help="comma list of dense, tp-taylor, tp-l2, fxprune")
+                    help="comma list of dense (with dense+rec and dense+rec-long), tp-taylor, tp-l2, fxprune")
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows of --seqlen tokens")
     ap.add_argument("--calib-samples", type=int, default=10)
     ap.add_argument("--seqlen", type=int, default=128)
@@ -247,6 +260,29 @@ def _json_object(text: str, flag: str) -> dict[str, Any]:
 
 def run_dense(model: Any, calib: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"params": _count(model), "removed": 0.0, "wall_s": 0.0}
+
+
+def run_dense_recovery(model: Any, calib: Any, args: argparse.Namespace, recovery: str) -> dict[str, Any]:
+    """The dense model LoRA-fine-tuned with the recovery recipe of method suffix ``recovery``."""
+    import copy
+
+    from fxprune.passes.recovery import recover
+
+    settings = fx_settings(args, recovery)
+    windows = settings.get("recover_windows", 0)
+    data = (recovery_windows(args.tokenizer, windows, args.seqlen, settings.get("recover_text", "wikitext"),
+                             args.calib_samples + GAP_WINDOWS + args.windows) if windows else calib)
+    student = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    record = recover(student, [data[i : i + 1] for i in range(data.shape[0])], steps=settings["recover_steps"],
+                     lr=settings.get("lr", 2e-4), rank=settings.get("lora_rank", 8),
+                     teacher=model if settings.get("distill") else None, distill=settings.get("distill", 1.0),
+                     schedule=settings.get("recover_schedule", "constant"), batch=settings.get("recover_batch", 1))
+    keys = ("recover_steps", "recover_batch", "lr", "recover_schedule", "distill", "recover_windows", "recover_text",
+            "lora_rank")
+    return {"params": _count(student), "removed": 0.0, "wall_s": round(time.perf_counter() - t0, 2),
+            "settings": {k: settings[k] for k in keys if k in settings},
+            "recovery_s": round(record["seconds"], 2), "_model": student}
 
 
 def run_tp(model: Any, calib: Any, args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -333,6 +369,8 @@ def _runner(method: str) -> Callable[[Any, Any, argparse.Namespace], dict[str, A
         "dense": run_dense,
         "tp-taylor": lambda m, c, a: run_tp(m, c, a, "taylor"),
         "tp-l2": lambda m, c, a: run_tp(m, c, a, "l2"),
+        "dense+rec": lambda m, c, a: run_dense_recovery(m, c, a, "+rec"),
+        "dense+rec-long": lambda m, c, a: run_dense_recovery(m, c, a, "+rec-long"),
     }
     if method in fixed:
         return fixed[method]
@@ -351,6 +389,9 @@ def plan_methods(args: argparse.Namespace) -> list[str]:
     (which matches fxprune's parameter count at the same ratio)."""
     wanted = args.methods.split(",")
     methods = ["dense"] if "dense" in wanted else []
+    for suffix, flag in RECOVERY_FLAGS.items():
+        if flag and getattr(args, flag) and ("dense" in wanted or f"dense{suffix}" in wanted):
+            methods.append(f"dense{suffix}")
     if "fxprune" in wanted:
         ratios = [f"{float(r):g}" for r in args.fx_ratios.split(",")]
         methods += [f"fxprune@{r}" for r in ratios]
@@ -378,6 +419,7 @@ def parent(args: argparse.Namespace) -> None:
         if flag is None or getattr(args, flag):
             fx_settings(args, suffix)
     dense_ppl, fx_params = None, None
+    dense_rec_ppl: dict[str, float] = {}  # recovery suffix -> the dense model's perplexity after it
     for method in plan_methods(args):
         extra = ["--match-params", str(fx_params)] if method.startswith("tp") and fx_params else []
         log(f"--- {method}")
@@ -387,8 +429,13 @@ def parent(args: argparse.Namespace) -> None:
                 dense_ppl = rec["ppl"]
             if method == f"fxprune@{args.tp_ratio:g}" and "params" in rec and "error" not in rec:
                 fx_params = rec["params"]
+            suffix = method.partition("@")[0].removeprefix("fxprune").removeprefix("dense")
+            if method.startswith("dense+") and rec.get("ppl") is not None:
+                dense_rec_ppl[suffix] = rec["ppl"]
             if dense_ppl and rec.get("ppl") is not None:
                 rec["ppl_ratio"] = round(rec["ppl"] / dense_ppl, 3)
+            if method.startswith("fxprune+") and suffix in dense_rec_ppl and rec.get("ppl") is not None:
+                rec["ppl_over_dense_rec"] = round(rec["ppl"] / dense_rec_ppl[suffix], 3)
             emit(rec)
 
 

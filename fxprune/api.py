@@ -24,7 +24,7 @@ from .depgraph import DependencyGraph, count_params, dependency_graph
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
 from .passes.importance.taylor import effective_precision
-from .passes.recovery import check_distill, check_schedule, recover, sync_graph_module
+from .passes.recovery import check_batch, check_distill, check_schedule, recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
 from .passes.select import Selection, parse_layers, select
@@ -99,6 +99,7 @@ def prune(
     ema: float = 0.9,
     recover_steps: int = 0,
     recover_data: torch.Tensor | list[torch.Tensor] | None = None,
+    recover_batch: int = 1,
     lr: float = 2e-4,
     tokenizer: Any = None,
     lora_rank: int = 8,
@@ -147,6 +148,9 @@ def prune(
             many steps, then merge the adapters (no extra parameters); 0 = off.
         recover_data: token windows for recovery instead of ``calib`` (10 x 128 calibration
             tokens are few: many recovery steps on them overfit).
+        recover_batch: token windows per recovery step. Each step takes the next batch, cycling, so
+            ``recover_steps x recover_batch`` windows are seen; the report's ``recovery`` says how
+            many of them were (``rows_seen`` of ``rows``) and a note says when some were never used.
         distill: weight of the dense model in the recovery loss, 0..1: the loss is
             ``distill * KL(dense || pruned) + (1 - distill) * cross-entropy on the text`` per token
             (``True`` = 1: the dense model only). The user's model is the teacher, only read.
@@ -185,6 +189,7 @@ def prune(
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
     precision, precision_note = effective_precision(precision, model)  # checks the name too
     check_schedule(recover_schedule)
+    check_batch(recover_batch)
     check_options(steps=steps, prune_every=prune_every, ema=ema, recover_steps=recover_steps, lr=lr,
                   lora_rank=lora_rank)
     if iterative and plan is not None:
@@ -313,8 +318,12 @@ def prune(
         recover_batches = _batches(recover_data) or _batches(calib)
         recovery = recover(pruned_model, recover_batches, steps=recover_steps, lr=lr, rank=lora_rank,
                            seed=seed, teacher=model if distill else None, distill=distill, schedule=recover_schedule,
-                           progress=say)
+                           batch=recover_batch, progress=say)
         sync_graph_module(rw.graph_module, pruned_model)
+        if recovery["rows_seen"] < recovery["rows"]:
+            notes.append(f"recovery trained on {recovery['rows_seen']} of its {recovery['rows']} windows "
+                         f"({recover_steps} steps x {recover_batch} per step); raise recover_steps or "
+                         "recover_batch to use them all")
         pruned_model, notes = _check_eager(pruned_model, rw.graph_module, example_inputs, notes)
         timings["recovery_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0

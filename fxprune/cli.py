@@ -165,7 +165,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         recover_steps=args.recover_steps, lr=args.lr, reconstruct=args.reconstruct, damp=args.damp,
         refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill,
         recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
-        recover_data=recover_data, calib_generate=args.calib_generate,
+        recover_data=recover_data, recover_batch=args.recover_batch, calib_generate=args.calib_generate,
     )
     report = result.report
     if eval_windows is not None:
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover-samples", type=int, default=0,
                     help="recovery windows taken from the text after the calibration (and --eval) windows; "
                          "0 = recover on the calibration windows")
+    pr.add_argument("--recover-batch", type=int, default=1, metavar="N",
+                    help="windows per recovery step (steps x N windows are trained on; the report says when "
+                         "some --recover-samples windows were never used)")
     pr.add_argument("--recover-text", metavar="FILE",
                     help="take the --recover-samples windows from the start of FILE instead of the calibration "
                          "text (e.g. text of another domain than the one you evaluate on)")

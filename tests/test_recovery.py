@@ -358,3 +358,47 @@ def test_cli_recover_schedule_flag(tiny_dir_with_tokenizer, tmp_path):
                  "--calib-seqlen", "8", "--recover-steps", "2", "--recover-schedule", "cosine",
                  "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "report.json").read_text())["recovery"]["schedule"] == "cosine"
+
+
+def test_recover_batch_stacks_windows_and_reports_the_windows_used(pruned_pair, monkeypatch):
+    from fxprune.passes import recovery as rec_mod
+
+    shapes = []
+    real_loss = rec_mod.calibration_loss
+
+    def spying_loss(model, batch):
+        if torch.is_grad_enabled():  # a training step, not the before/after measurement
+            shapes.append(tuple(batch.shape))
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(rec_mod, "calibration_loss", spying_loss)
+    model, _, _, _ = pruned_pair
+    other = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(9))
+    # 2 steps x 2 windows: the first four of the six windows, two per step, and a note about the rest
+    res = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=CALIB,
+                        recover_steps=2, lr=1e-2, recover_data=other, recover_batch=2)
+    r = res.report["recovery"]
+    assert shapes == [(2, 16), (2, 16)]
+    assert (r["batch"], r["rows"], r["rows_seen"]) == (2, 6, 4)
+    assert any("recovery trained on 4 of its 6 windows" in n for n in res.report["notes"])
+    shapes.clear()
+    # 3 steps x 2 windows see all six: no note
+    res = fxprune.prune(model, X, ratio=0.3, importance="l2", targets=("heads", "mlp"), calib=CALIB,
+                        recover_steps=3, lr=1e-2, recover_data=other, recover_batch=2)
+    assert shapes == [(2, 16)] * 3 and res.report["recovery"]["rows_seen"] == 6
+    assert not any("recovery trained on" in n for n in res.report["notes"])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(FxpruneError, match="recovery batch must be a positive number"):
+            fxprune.prune(model, X, ratio=0.3, importance="l2", calib=CALIB, recover_steps=2, recover_batch=bad)
+
+
+def test_cli_recover_batch_flag(tiny_dir_with_tokenizer, tmp_path, capsys):
+    d, text = tiny_dir_with_tokenizer
+    common = ["prune", str(d), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "2",
+              "--calib-seqlen", "8", "--recover-steps", "2", "--recover-samples", "4", "--quiet"]
+    assert main([*common, "--recover-batch", "2", "--out", str(tmp_path / "a")]) == 0
+    r = json.loads((tmp_path / "a" / "report.json").read_text())["recovery"]
+    assert (r["batch"], r["rows"], r["rows_seen"]) == (2, 4, 4)
+    assert main([*common, "--recover-batch", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "recovery batch must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

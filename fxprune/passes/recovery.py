@@ -143,6 +143,13 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list[Any], s
     return losses
 
 
+def check_batch(batch: int) -> int:
+    """``batch`` (windows per recovery step) if it is a positive integer, else a clear error."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise FxpruneError(f"recovery batch must be a positive number of windows per step, got {batch!r}")
+    return batch
+
+
 def check_distill(weight: float) -> float:
     """``weight`` (a bool or a number) as the KL weight in [0, 1], or a clear error."""
     w = float(weight)
@@ -224,18 +231,22 @@ def sync_graph_module(gm: fx.GraphModule, model: nn.Module) -> None:
 
 def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-4, rank: int = 8,
             seed: int = 0, teacher: nn.Module | None = None, distill: float = 1.0, schedule: str = "constant",
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+            batch: int = 1, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """LoRA-fine-tune the pruned ``model`` in place, merge, and return the record.
 
     ``model`` must be fxprune's own pruned copy (never the user's). With ``teacher`` (the dense
     model, only read) the loss is :func:`distill_loss` with weight ``distill`` instead of the
     calibration loss: at 1 the pruned model learns to match the dense one only, not the text.
-    Returns ``{"steps", "lr", "schedule", "rank", "adapted_layers", "loss", "trainable_params",
-    "loss_before", "loss_after", "loss_rows", "train_loss_first", "train_loss_last", "seconds"}``; the
+    ``batch``: token windows per step (equal-width token-id batches are re-stacked that many rows
+    at a time; any other batch form is used as given). Returns ``{"steps", "lr", "schedule", "rank",
+    "batch", "adapted_layers", "loss", "trainable_params", "rows", "rows_seen", "loss_before",
+    "loss_after", "loss_rows", "train_loss_first", "train_loss_last", "seconds"}``: ``rows_seen`` of
+    the ``rows`` windows were trained on (fewer when ``steps x batch`` does not reach them all); the
     losses are the mean calibration loss over the first ``loss_rows`` rows of ``batches``
     (:func:`first_rows`, :data:`LOSS_ROWS`).
     """
     distill = check_distill(distill)
+    check_batch(batch)
     if distill == 0:
         teacher = None  # weight 0 is the text alone: no teacher forwards
     if isinstance(model, fx.GraphModule):
@@ -246,6 +257,10 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     state = ModelState(model)
     loss_batches = first_rows(batches, LOSS_ROWS)
     before = mean_loss(model, loss_batches)
+    if batch > 1:
+        batches = stack_windows(batches, batch)
+    rows = sum(_rows(b) for b in batches)
+    rows_seen = sum(_rows(b) for b in batches[:steps])
     handle = attach_lora(model, linear_modules(model), rank, seed)
     trainable = sum(p.numel() for p in handle.params)
     try:
@@ -267,9 +282,9 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
     after = mean_loss(model, loss_batches)
     if not math.isfinite(after):
         raise FxpruneError("recovery produced non-finite weights; lower the learning rate")
-    return {"steps": steps, "lr": lr, "schedule": schedule, "rank": rank, "adapted_layers": len(handle.modules),
-            "loss": _loss_name(teacher, distill),
-            "trainable_params": trainable, "loss_before": before, "loss_after": after,
+    return {"steps": steps, "lr": lr, "schedule": schedule, "rank": rank, "batch": batch,
+            "adapted_layers": len(handle.modules), "loss": _loss_name(teacher, distill),
+            "trainable_params": trainable, "rows": rows, "rows_seen": rows_seen, "loss_before": before, "loss_after": after,
             "loss_rows": sum(_rows(b) for b in loss_batches),
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
             "seconds": time.perf_counter() - t0}
