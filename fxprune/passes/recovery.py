@@ -284,7 +284,8 @@ def recover(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 2e-
         raise FxpruneError("recovery produced non-finite weights; lower the learning rate")
     return {"steps": steps, "lr": lr, "schedule": schedule, "rank": rank, "batch": batch,
             "adapted_layers": len(handle.modules), "loss": _loss_name(teacher, distill),
-            "trainable_params": trainable, "rows": rows, "rows_seen": rows_seen, "loss_before": before, "loss_after": after,
+            "trainable_params": trainable, "rows": rows, "rows_seen": rows_seen,
+            "loss_before": before, "loss_after": after,
             "loss_rows": sum(_rows(b) for b in loss_batches),
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
             "seconds": time.perf_counter() - t0}
