@@ -61,6 +61,9 @@ too): the pipeline's code is unchanged (the rewrite's shape-literal loop moved i
 ONNX exporter shares). ``--repeats 3``: fxprune 7.341 s (capture 1.919, importance 4.300, rewrite
 0.779), fxprune-bf16 5.347 s (capture 1.849, importance 2.373, rewrite 0.800), Torch-Pruning 6.626 s
 (gradients 5.381): ratios 1.108 / 0.807 (process CPU 1.024 / 0.712).
+2026-12-06 (third session, same Xeon, code unchanged): ``--repeats 3``: fxprune 6.547 s (capture
+1.611, importance 3.991, rewrite 0.673), fxprune-bf16 4.770 s (importance 2.123), Torch-Pruning
+6.027 s (gradients 4.906): ratios 1.086 / 0.791 (process CPU 1.009 / 0.693).
 
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
