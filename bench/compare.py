@@ -276,26 +276,39 @@ def run_dense(model: Any, calib: Any, args: argparse.Namespace) -> dict[str, Any
 
 
 def run_dense_recovery(model: Any, calib: Any, args: argparse.Namespace, recovery: str) -> dict[str, Any]:
-    """The dense model LoRA-fine-tuned with the recovery recipe of method suffix ``recovery``."""
+    """The dense model LoRA-fine-tuned with the recovery recipe of method suffix ``recovery``, as
+    ``fxprune.prune`` would run it (its defaults for whatever the recipe leaves out)."""
     import copy
 
+    import fxprune
     from fxprune.passes.recovery import recover
 
     settings = fx_settings(args, recovery)
-    windows = settings.get("recover_windows", 0)
-    data = (recovery_windows(args.tokenizer, windows, args.seqlen, settings.get("recover_text", "wikitext"),
-                             args.calib_samples + GAP_WINDOWS + args.windows) if windows else calib)
+    kwargs = dict(settings)
+    data = _recovery_data(kwargs, args)
+    data = calib if data is None else data
+    defaults = {k: p.default for k, p in inspect.signature(fxprune.prune).parameters.items()}
+    opt = lambda k: kwargs.get(k, defaults[k])  # noqa: E731
     student = copy.deepcopy(model)
     t0 = time.perf_counter()
-    record = recover(student, [data[i : i + 1] for i in range(data.shape[0])], steps=settings["recover_steps"],
-                     lr=settings.get("lr", 2e-4), rank=settings.get("lora_rank", 8),
-                     teacher=model if settings.get("distill") else None, distill=settings.get("distill", 1.0),
-                     schedule=settings.get("recover_schedule", "constant"), batch=settings.get("recover_batch", 1))
+    record = recover(student, [data[i : i + 1] for i in range(data.shape[0])], steps=opt("recover_steps"),
+                     lr=opt("lr"), rank=opt("lora_rank"), teacher=model if opt("distill") else None,
+                     distill=opt("distill"), schedule=opt("recover_schedule"), batch=opt("recover_batch"))
     keys = ("recover_steps", "recover_batch", "lr", "recover_schedule", "distill", "recover_windows", "recover_text",
             "lora_rank")
     return {"params": _count(student), "removed": 0.0, "wall_s": round(time.perf_counter() - t0, 2),
             "settings": {k: settings[k] for k in keys if k in settings},
             "recovery_s": round(record["seconds"], 2), "_model": student}
+
+
+def _recovery_data(kwargs: dict[str, Any], args: argparse.Namespace) -> Any:
+    """Pop the bench-only ``recover_windows`` / ``recover_text`` from ``kwargs``; the recovery
+    windows they ask for (after the evaluation slice), or None for none."""
+    n_rec = kwargs.pop("recover_windows", 0)
+    source = kwargs.pop("recover_text", "wikitext")
+    if not n_rec:
+        return None
+    return recovery_windows(args.tokenizer, n_rec, args.seqlen, source, args.calib_samples + GAP_WINDOWS + args.windows)
 
 
 def run_tp(model: Any, calib: Any, args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -332,11 +345,9 @@ def run_fx(model: Any, calib: Any, args: argparse.Namespace, ratio: float, recov
         return {"error": f"fxprune.prune has no keyword {', '.join(sorted(unknown))} in this checkout",
                 "settings": settings}
     kwargs = dict(settings)
-    n_rec = kwargs.pop("recover_windows", 0)
-    source = kwargs.pop("recover_text", "wikitext")
-    if n_rec:
-        kwargs["recover_data"] = recovery_windows(args.tokenizer, n_rec, args.seqlen, source,
-                                                  args.calib_samples + GAP_WINDOWS + args.windows)
+    data = _recovery_data(kwargs, args)
+    if data is not None:
+        kwargs["recover_data"] = data
     t0 = time.perf_counter()
     res = fxprune.prune(model, {"input_ids": calib[:2, :16]}, ratio=ratio, calib=calib, **kwargs)
     wall = time.perf_counter() - t0
