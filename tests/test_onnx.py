@@ -481,3 +481,51 @@ def test_pruned_architectures_export_stitched(arch, tmp_path):
     assert rep["capture"] == "stitched" and rep["max_abs_diff"] <= 1e-4
     fresh = {"input_ids": torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))}
     np.testing.assert_allclose(ort_out(tmp_path / f"{arch}.onnx", fresh), torch_out(result.model, fresh), atol=1e-4)
+
+
+def test_t5_encoder_exports_its_transposed_reshapes(tmp_path):
+    """T5's attention reshapes a transposed tensor; torch.onnx's decomposition made that a view
+    that failed to run (unpruned too) until the export reads a contiguous clone there."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8, num_layers=2,
+                                    num_heads=4)).eval()
+    x = {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))}
+    result = fxprune.prune(model, x, ratio=0.2, importance="l2", targets=("heads", "mlp"))
+    program = fxprune.capture(result.model, x)
+    before = [(n.name, n.target, n.args) for n in program.exported.graph.nodes]
+    rep = export_onnx(program, tmp_path / "t5.onnx")
+    assert rep["max_abs_diff"] <= 1e-4
+    assert [(n.name, n.target, n.args) for n in program.exported.graph.nodes] == before  # clones taken out
+    fresh = {"input_ids": torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))}
+    np.testing.assert_allclose(ort_out(tmp_path / "t5.onnx", fresh), torch_out(result.model, fresh), atol=1e-4)
+
+
+def test_copies_before_reshapes_only_after_layout_ops():
+    class M(nn.Module):
+        def forward(self, x):
+            a = x.transpose(1, 2).contiguous().reshape(x.shape[0], -1)  # gets a clone
+            b = x.reshape(x.shape[0], -1)  # does not
+            return a + b
+
+    ep = torch.export.export(M(), (torch.randn(2, 3, 4),), strict=False)
+    gm = ep.graph_module
+    clones = lambda: sum(n.target is torch.ops.aten.clone.default for n in gm.graph.nodes)  # noqa: E731
+    code = gm.code
+    with onnx_exp.copies_before_reshapes(gm) as n:
+        assert n == 1 and clones() == 1
+        x = torch.randn(2, 3, 4)  # the export is static
+        torch.testing.assert_close(gm(x)[0], M()(x))
+    assert clones() == 0 and gm.code == code
+
+
+def test_torch_onnx_errors_reduced_to_their_cause():
+    msg = ("Failed to decompose the FX graph for ONNX compatibility. \x1b[96mThis is step 2/3\x1b[0m of exporting "
+           "the model to ONNX. Next steps:\n- Create an issue\n\n## Exception summary\n\n"
+           "<class 'ValueError'>: Cannot view a tensor with shape [2, 7]\n\nWhile executing %view_4")
+    line = onnx_exp._one_line(RuntimeError(msg))
+    assert line == ("Failed to decompose the FX graph for ONNX compatibility. "
+                    "<class 'ValueError'>: Cannot view a tensor with shape [2, 7]")
+    assert onnx_exp._one_line(ValueError("")) == "ValueError"
+    assert onnx_exp._one_line(ValueError("plain\nsecond")) == "plain"

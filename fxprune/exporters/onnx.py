@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -458,17 +459,75 @@ def _quiet_torch_onnx() -> Iterator[None]:
 
 def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
     """Run ``torch.onnx.export`` on the program's ExportedProgram (dynamic dims come with it)."""
-    with _quiet_torch_onnx():
+    with _quiet_torch_onnx(), copies_before_reshapes(program.exported.graph_module):
         try:
             return torch.onnx.export(
                 program.exported, (), None, dynamo=True, opset_version=opset, optimize=optimize,
                 verbose=False,
             )
         except Exception as exc:  # the exporter raises many types; give one clear line
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FxpruneError(
-                f"torch.onnx.export failed for {type(program.model).__name__} at opset {opset}: {msg}"
+                f"torch.onnx.export failed for {type(program.model).__name__} at opset {opset}: {_one_line(exc)}"
             ) from exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The gist of a torch.onnx error: its first line, plus the line under its "Exception summary"
+    (where the real cause is; the first line is often only which step failed), colour codes
+    removed."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = re.sub(r"\s*This is step \d+/\d+ of exporting.*$", "", lines[0])
+    if "## Exception summary" in lines:
+        cause = lines[lines.index("## Exception summary") + 1:][:1]
+        if cause:
+            return f"{first} {cause[0]}"
+    return first
+
+
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+_LAYOUT_OPS = (torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default)
+
+
+@contextlib.contextmanager
+def copies_before_reshapes(gm: fx.GraphModule) -> Iterator[int]:
+    """For the duration, each reshape (or view) of a transposed or permuted tensor reads a
+    contiguous clone of it (the same values); yields how many, and takes the clones out after.
+
+    torch.onnx's decomposition can make such a reshape a ``view`` from strides that do not hold when
+    it runs the graph: T5's attention (SDPA, transpose, reshape; export drops the model's own
+    ``contiguous()`` there) failed with "Cannot view a tensor with shape [s21, s41, 3, 8] and
+    strides (24*s41, 8, 8*s41, 1)", unpruned too. In ONNX a clone is an Identity, which the
+    optimizer removes."""
+    added: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (reshape, its input before, the clone)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _RESHAPES or not node.args:
+            continue
+        src = node.args[0]
+        while isinstance(src, fx.Node) and src.target is torch.ops.aten.contiguous.default:
+            src = src.args[0]
+        if not isinstance(src, fx.Node) or src.target not in _LAYOUT_OPS:
+            continue
+        with gm.graph.inserting_before(node):
+            clone = gm.graph.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                           {"memory_format": torch.contiguous_format})
+        clone.meta = dict(node.args[0].meta)
+        added.append((node, node.args[0], clone))
+        node.args = (clone, *node.args[1:])
+    if added:
+        gm.recompile()
+    try:
+        yield len(added)
+    finally:
+        for node, before, clone in added:
+            node.args = (before, *node.args[1:])
+            gm.graph.erase_node(clone)
+        if added:
+            gm.recompile()
 
 
 def _rename_io(model: Any, program: Program, in_names: list[str], out_names: list[str]) -> None:

@@ -1,0 +1,116 @@
+"""Architecture sweep: the Hugging Face families users bring, as tiny random models.
+
+For each: removing whole MLP channels / heads / kv groups equals zero-masking them (where the
+dependency graph calls the group exact), a 20% prune runs and its graph agrees with its module,
+and the pruned model exports to ONNX that onnxruntime runs like torch. test_rewrite.py covers
+Llama, BERT, GPT-2, Qwen3 and Phi-3 the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fxprune.api import run_model
+from fxprune.passes.rewrite import apply_plan, masked_copy
+from fxprune.plan import Plan
+
+VOCAB = 64
+
+
+def tiny(name: str) -> torch.nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    c = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    gqa = dict(num_attention_heads=4, num_key_value_heads=2)
+    configs = {
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**c, **gqa)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**c, **gqa)),  # q/k/v biases
+        "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**c, **gqa, head_dim=8)),
+        "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**c, **gqa, head_dim=8)),  # soft-capping, 4 norms
+        "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**c, **gqa, eos_token_id=0, pad_token_id=0)),
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**c, num_attention_heads=4)),  # fused qkv
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_kv_heads=2,
+                                                             new_decoder_architecture=True)),
+        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                                    num_attention_heads=4, word_embed_proj_dim=32,
+                                                    max_position_embeddings=64)),
+        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=48, n_layers=2,
+                                                                   n_heads=4, max_position_embeddings=64)),
+        "t5_encoder": lambda: T.T5EncoderModel(T.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8, num_layers=2,
+                                                          num_heads=4)),
+        "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=16, patch_size=4, num_channels=3)),
+    }
+    return configs[name]().eval()
+
+
+ARCHS = ["mistral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "bloom", "opt", "distilbert",
+         "t5_encoder", "vit"]
+
+
+def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
+
+
+def exact_plan(dg, seed: int = 0) -> Plan:
+    """Half of each exact MLP group, one head (or kv group) of each exact attention group."""
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for g in dg.prunable:
+        if g.inexact or g.units < 2:
+            continue
+        if g.kind == "mlp":
+            keep[g.id] = sorted(rng.choice(g.units, g.units // 2, replace=False).tolist())
+        elif g.kind == "heads" and g.block > 1:  # GQA: the same number of query heads per kv group
+            keep[g.id] = [b * g.block + int(e) for b in range(g.units // g.block)
+                          for e in sorted(rng.choice(g.block, g.block - 1, replace=False))]
+        elif g.kind in ("heads", "kv_heads"):
+            keep[g.id] = sorted(rng.choice(g.units, g.units - 1, replace=False).tolist())
+    return Plan(keep)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_equals_masked(arch):
+    model = tiny(arch)
+    before = copy.deepcopy(model.state_dict())
+    program = fxprune.capture(model, inputs(arch))
+    dg = fxprune.dependency_graph(program)
+    plan = exact_plan(dg)
+    assert any(g.kind == "mlp" for g in dg.prunable if g.id in plan.keep)
+    rw = apply_plan(program, dg, plan)
+    x = inputs(arch, 3, 11, seed=2)
+    ref = run_model(masked_copy(program, dg, plan), x)
+    assert (run_model(rw.model, x) - ref).abs().max() < 1e-5
+    assert (run_model(rw.graph_module, x) - ref).abs().max() < 1e-5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # caller's model untouched
+
+
+def test_cross_head_norm_marks_heads_inexact():
+    """OLMo2 normalises q and k over all heads at once: removing a head changes the others' scale,
+    so its head groups must not be called exact (masking would not predict the pruned model)."""
+    dg = fxprune.dependency_graph(fxprune.capture(tiny("olmo2"), inputs("olmo2")))
+    attention = [g for g in dg.prunable if g.kind in ("heads", "kv_heads")]
+    assert attention and all(g.inexact for g in attention)
+    assert not any(g.inexact for g in dg.prunable if g.kind == "mlp")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_and_export_onnx(arch, tmp_path):
+    model = tiny(arch)
+    res = fxprune.prune(model, inputs(arch), ratio=0.2, targets=("heads", "kv_heads", "mlp"))
+    assert res.report["removed_fraction"] >= 0.2 - 1e-9
+    x = inputs(arch, 3, 13, seed=3)
+    assert (run_model(res.model, x) - run_model(res.graph_module, x)).abs().max() < 1e-5
+    rep = fxprune.export_onnx(res, tmp_path / f"{arch}.onnx")
+    assert rep["max_abs_diff"] is not None and rep["max_abs_diff"] <= 1e-4
