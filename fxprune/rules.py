@@ -418,6 +418,43 @@ def cat(ctx: Ctx, node: fx.Node) -> None:
     ctx.solver.define_cat(out[dim], parts)
 
 
+def stack(ctx: Ctx, node: fx.Node) -> None:
+    """stack(tensors, dim): a new dim of len(tensors) at ``dim``; every other dim is shared."""
+    tensors = [t for t in node.args[0] if ctx.d(t) is not None]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    dim = _norm_dim(int(dim), len(out))
+    rest = [out[k] for k in range(len(out)) if k != dim]
+    for t in tensors:
+        td = ctx.d(t)
+        if len(td) == len(rest):
+            for a, b in zip(td, rest):
+                ctx.unify(a, b, node)
+
+
+def repeat_interleave(ctx: Ctx, node: fx.Node) -> None:
+    """repeat_interleave(x, r, dim): each position of ``dim`` repeated r times; the other dims pass
+    through. Removing a channel there would remove r of the output's, so that dim is pinned on both
+    sides. Tensor repeats or no ``dim`` (a flattened output): not known, everything pinned."""
+    x = node.args[0] if node.args else None
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    xd = ctx.d(x) if isinstance(x, fx.Node) else None
+    if xd is None or not isinstance(repeats, int) or not isinstance(dim, int):
+        unknown(ctx, node)
+        return
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    dim = _norm_dim(dim, len(xd))
+    for k in range(len(xd)):
+        if k == dim:
+            for v in (xd[k], out[k]):
+                ctx.solver.pin(v, f"repeat_interleave over the dim at {ctx.where(node)}")
+        else:
+            ctx.unify(xd[k], out[k], node)
+
+
 def split(ctx: Ctx, node: fx.Node) -> None:
     """split / split_with_sizes / chunk / unbind: the input dim is the concatenation of the pieces."""
     x = node.args[0]
@@ -654,6 +691,7 @@ RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
                                   "squeeze", "unsqueeze")},
     "expand": expand, "expand_as": expand,
     "cat": cat, "concat": cat, "concatenate": cat,
+    "stack": stack, "repeat_interleave": repeat_interleave,
     "split": split, "split_with_sizes": split, "chunk": split, "unbind": split,
     "tensor_split": split,
     "slice": slice_, "narrow": unknown, "select": select,

@@ -38,6 +38,8 @@ def tiny(name: str) -> torch.nn.Module:
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                              num_attention_heads=4, num_kv_heads=2,
                                                              new_decoder_architecture=True)),
+        "gptj": lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),  # stack, repeat_interleave
         "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
         "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
                                                     num_attention_heads=4, word_embed_proj_dim=32,
@@ -52,7 +54,7 @@ def tiny(name: str) -> torch.nn.Module:
     return configs[name]().eval()
 
 
-ARCHS = ["mistral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "bloom", "opt", "distilbert",
+ARCHS = ["mistral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt", "distilbert",
          "t5_encoder", "vit"]
 
 
@@ -103,6 +105,14 @@ def test_cross_head_norm_marks_heads_inexact():
     attention = [g for g in dg.prunable if g.kind in ("heads", "kv_heads")]
     assert attention and all(g.inexact for g in attention)
     assert not any(g.inexact for g in dg.prunable if g.kind == "mlp")
+
+
+def test_gptj_heads_are_prunable():
+    """GPT-J's rotary embedding (stack, repeat_interleave over the rotary dims) pins head_dim only."""
+    dg = fxprune.dependency_graph(fxprune.capture(tiny("gptj"), inputs("gptj")))
+    heads = [g for g in dg.groups if g.kind == "heads"]
+    assert heads and all(g.prunable and not g.inexact for g in heads)
+    assert not dg.unknown_ops
 
 
 @pytest.mark.parametrize("arch", ARCHS)

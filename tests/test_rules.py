@@ -211,6 +211,48 @@ def test_conv2d_channels():
     assert members(g) == {("c1.weight", 0), ("c1.bias", 0), ("c2.weight", 1)} and g.prunable
 
 
+class StackPairs(nn.Module):
+    """GPT-J's rotate_every_two: stack (-x2, x1) on a new last dim, flatten it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)  # (batch, 6)
+        pairs = torch.stack((-h, h * 2), dim=0)  # (2, batch, 6): the 6 channels pass through
+        return self.b(pairs.sum(0))
+
+
+class RepeatInterleave(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(12, 2)
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x):
+        wide = torch.repeat_interleave(self.a(x), 2, dim=-1)  # 6 channels -> 12
+        rows = torch.repeat_interleave(self.c(x), 2, dim=0)  # batch repeated: channels pass through
+        return self.b(wide).sum() + rows.sum()
+
+
+def test_stack_passes_the_stacked_tensors_dims_through():
+    dg = groups_of(StackPairs(), torch.randn(2, 4))
+    g = find(dg, "a.weight", 0)
+    assert g.prunable and ("b.weight", 1) in members(g) and g.units == 6
+    assert not dg.unknown_ops
+
+
+def test_repeat_interleave_pins_the_repeated_dim_only():
+    dg = groups_of(RepeatInterleave(), torch.randn(2, 4))
+    g = find(dg, "a.weight", 0)
+    assert not g.prunable and "repeat_interleave" in g.reason
+    assert find(dg, "c.weight", 0).prunable  # repeated over the batch, its channels are free
+    assert not dg.unknown_ops
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()
