@@ -184,7 +184,7 @@ def test_wrong_reference_raises_and_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_exp, "reference_outputs", perturbed)
     path = tmp_path / "model.onnx"
-    with pytest.raises(VerificationError, match=r"ONNX output 'logits' differs from torch by"):
+    with pytest.raises(VerificationError, match=r"ONNX output 'logits' differs from float32 torch by"):
         export_onnx(tiny("gpt2"), path, example("gpt2"))
     assert list(tmp_path.iterdir()) == []  # no model, no data file, no temp dir
 
@@ -218,7 +218,7 @@ def test_float64_referee_passes_an_export_when_float32_torch_is_the_inaccurate_s
     # no referee for a model too large to copy in float64: the plain check decides
     monkeypatch.setattr(onnx_exp, "reference_outputs", noisy_float32)
     monkeypatch.setattr(onnx_exp, "FLOAT64_REFEREE_BYTES", 0)
-    with pytest.raises(VerificationError, match=r"differs from torch by [0-9.e-]+ \(> 0.0001 x output scale [0-9.e-]+\)$"):
+    with pytest.raises(VerificationError, match=r"differs from float32 torch by [0-9.e-]+ \(> 0.0001 x output scale [0-9.e-]+\)$"):
         export_onnx(tiny("gpt2"), tmp_path / "i.onnx", example("gpt2"))
 
 
@@ -529,3 +529,32 @@ def test_torch_onnx_errors_reduced_to_their_cause():
                     "<class 'ValueError'>: Cannot view a tensor with shape [2, 7]")
     assert onnx_exp._one_line(ValueError("")) == "ValueError"
     assert onnx_exp._one_line(ValueError("plain\nsecond")) == "plain"
+
+
+def test_half_precision_tolerance_is_the_dtypes_rounding():
+    assert onnx_exp.output_tolerance(1e-4, torch.float32) == 1e-4
+    assert onnx_exp.output_tolerance(1e-4, torch.float16) == pytest.approx(4 * 2 ** -10)
+    assert onnx_exp.output_tolerance(1e-4, torch.bfloat16) == pytest.approx(4 * 2 ** -7)
+    assert onnx_exp.output_tolerance(1e-2, torch.float16) == 1e-2  # a looser atol stays
+    assert onnx_exp.output_tolerance(1e-4, torch.int64) == 1e-4
+
+
+def test_float16_model_exports_and_verifies(tmp_path):
+    """A float16 model's file differs from float16 torch by float16 rounding (2.4e-4 here), which
+    the float32 tolerance of 1e-4 refused."""
+    model = tiny("llama").half()
+    result = fxprune.prune(model, example("llama"), ratio=0.2, importance="l2", targets=("mlp",))
+    rep = export_onnx(result, tmp_path / "half.onnx")
+    assert 0 < rep["max_abs_diff"] <= onnx_exp.output_tolerance(1e-4, torch.float16) * 64
+    x = example("llama", 3, 9, seed=4)
+    ref = result.model(**x).logits.float().detach().numpy()
+    np.testing.assert_allclose(ort_out(tmp_path / "half.onnx", x), ref, atol=2e-2)
+
+
+def test_bfloat16_model_without_cpu_kernels_says_what_to_do(tmp_path):
+    model = tiny("llama").to(torch.bfloat16)
+    with pytest.raises(VerificationError, match=r"few bfloat16 kernels: export a float32 or float16 copy"):
+        export_onnx(model, tmp_path / "bf16.onnx", example("llama"))
+    assert not (tmp_path / "bf16.onnx").exists()
+    rep = export_onnx(model, tmp_path / "bf16.onnx", example("llama"), verify=False)  # unchecked, as asked
+    assert rep["max_abs_diff"] is None and (tmp_path / "bf16.onnx").exists()

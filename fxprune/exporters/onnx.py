@@ -75,7 +75,11 @@ def export_onnx(
             that tolerance of the float64 result or no further from it than float32 torch is
             (pruning can leave a model that amplifies rounding, and then torch's float32 result
             is not the more accurate one: SmolLM2 with heads pruned by l2 measured onnxruntime
-            4e-4 and torch 4.6e-3 from float64).
+            4e-4 and torch 4.6e-3 from float64). Outputs in float16 / bfloat16 get at least 4 of
+            their dtype's rounding steps instead of ``atol`` (:func:`output_tolerance`), and the
+            referee works for them too (SmolLM2 in float16: torch's CPU logits 2.93 from float64,
+            onnxruntime's 0.395). onnxruntime's CPU provider lacks most bfloat16 kernels: verify
+            such a model's file elsewhere (``verify=False``) or export a float32 copy.
         input_names, output_names: override the names of the graph inputs / outputs (default: the
             model's argument names and ``logits`` / ``last_hidden_state`` / ``output``).
         optimize: graph clean-up after the export: ``"light"`` (constant folding, dead-node removal,
@@ -754,7 +758,11 @@ def _verify(path: Path, program: Program, in_names: list[str], out_names: list[s
         got = sess.run(None, feed)
     except Exception as exc:  # ORT's pybind errors (Fail, InvalidGraph, ...) share no useful base
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"onnxruntime could not run the exported model: {first}") from exc
+        hint = ""
+        if any(p.dtype == torch.bfloat16 for p in program.model.parameters()):
+            hint = ("; onnxruntime's CPU provider has few bfloat16 kernels: export a float32 or float16 copy "
+                    "(model.float()), or pass verify=False to write the file unchecked for a runtime that has them")
+        raise VerificationError(f"onnxruntime could not run the exported model: {first}{hint}") from exc
     shapes = {n: list(t.shape) for n, t in zip(in_names, flat) if isinstance(t, torch.Tensor)}
     want = reference_outputs(program, flat)
     if len(got) != len(want):
@@ -763,6 +771,8 @@ def _verify(path: Path, program: Program, in_names: list[str], out_names: list[s
     notes: list[str] = []
     exact: list[np.ndarray] | None = None
     for i, (name, a, b) in enumerate(zip(out_names, got, want)):
+        dtype = b.dtype
+        tol = output_tolerance(atol, dtype)
         b = b.detach().float().numpy()
         if a.shape != b.shape:
             raise VerificationError(f"ONNX output '{name}' has shape {a.shape}, torch {b.shape}")
@@ -772,24 +782,38 @@ def _verify(path: Path, program: Program, in_names: list[str], out_names: list[s
             raise VerificationError(f"ONNX output '{name}' has NaNs where torch has none (or vice versa)")
         diff = _max_diff(a, b)
         scale = max(1.0, float(np.abs(b[~nan_b]).max())) if (~nan_b).any() else 1.0
-        if not diff <= atol * scale:
-            # torch's float32 may be the inaccurate side (pruned models can amplify rounding): the
-            # float64 result of the same model decides whether onnxruntime is wrong or torch is
+        if not diff <= tol * scale:
+            # torch may be the inaccurate side (pruned models can amplify rounding): the float64
+            # result of the same model decides whether onnxruntime is wrong or torch is
             exact = exact if exact is not None else _float64_outputs(program, flat)
-            off = f"differs from torch by {diff:.3g} (> {atol} x output scale {scale:.3g})"
+            kind = str(dtype).removeprefix("torch.")
+            off = f"differs from {kind} torch by {diff:.3g} (> {tol:.3g} x output scale {scale:.3g})"
             if exact is None:
                 raise VerificationError(f"ONNX output '{name}' {off}")
             ort_err, torch_err = _max_diff(a, exact[i]), _max_diff(b, exact[i])
-            if not ort_err <= max(atol * scale, torch_err):
+            if not ort_err <= max(tol * scale, torch_err):
                 raise VerificationError(f"ONNX output '{name}' {off}; against float64 torch: onnxruntime "
-                                        f"{ort_err:.3g}, float32 torch {torch_err:.3g}")
-            notes.append(f"ONNX output '{name}' differs from float32 torch by {diff:.3g} (> {atol} x output "
-                         f"scale {scale:.3g}) but is as close to float64 torch ({ort_err:.3g}) as "
-                         f"float32 torch is ({torch_err:.3g}): this model amplifies float32 rounding")
+                                        f"{ort_err:.3g}, {kind} torch {torch_err:.3g}")
+            notes.append(f"ONNX output '{name}' {off} but is as close to float64 torch ({ort_err:.3g}) as "
+                         f"{kind} torch is ({torch_err:.3g}): this model amplifies {kind} rounding")
             log.info(notes[-1])
         worst = max(worst, diff)
     log.debug("onnx parity on %s: max |diff| %.3g", shapes, worst)
     return worst, shapes, notes
+
+
+# How many units of a low-precision dtype's rounding two correct runtimes may differ by, relative to
+# the output's scale (float16: 3.9e-3, bfloat16: 3.1e-2; float32 keeps ``atol``)
+LOW_PRECISION_ULPS = 4
+
+
+def output_tolerance(atol: float, dtype: torch.dtype) -> float:
+    """The relative tolerance for an output of ``dtype``: ``atol``, or a few of the dtype's
+    rounding steps where those are larger (a float16 model's ONNX file differs from float16 torch
+    by its rounding, far above float32's 1e-4)."""
+    if not dtype.is_floating_point:
+        return atol
+    return max(atol, LOW_PRECISION_ULPS * torch.finfo(dtype).eps) if torch.finfo(dtype).bits < 32 else atol
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -799,10 +823,11 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _float64_outputs(program: Program, flat: list[Any]) -> list[np.ndarray] | None:
-    """The model's outputs computed in float64 on a copy, or None where that is not possible (not a
-    float32 model, or the copy would take over :data:`FLOAT64_REFEREE_BYTES`)."""
+    """The model's outputs computed in float64 on a copy (a half-precision model's weights widen
+    exactly), or None where that is not possible (no floating weights, or the copy would take over
+    :data:`FLOAT64_REFEREE_BYTES`)."""
     params = list(program.model.parameters()) + list(program.model.buffers())
-    if not params or any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
+    if not any(p.is_floating_point() for p in params):
         return None
     if sum(p.numel() for p in params) * 8 > FLOAT64_REFEREE_BYTES:
         return None
