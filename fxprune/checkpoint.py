@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FxpruneError, ModelLoadError
-from .passes.rewrite import ATTRIBUTES, _fix_standard_module
+from .passes.rewrite import ATTRIBUTES, CONFIG_KEYS, _fix_standard_module
 from .depgraph import layer_of
 from .plan import Plan
 
@@ -218,8 +218,12 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
     cls = getattr(transformers, manifest.get("class", ""), None)
     if cls is None:
         raise ModelLoadError(f"{d}: unknown model class {manifest.get('class')!r}")
+    # Build the unpruned architecture and shrink it as the rewrite did: many attention classes
+    # derive head_dim as hidden_size // heads (Qwen2, OPT, OLMo 2) or refuse a head count that does
+    # not divide hidden_size (GPT-J, BLOOM), so the pruned config alone builds the wrong model.
+    base = cls.config_class.from_dict(manifest["base_config"]) if "base_config" in manifest else None
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(copy.deepcopy(base) if base is not None else config)  # base stays unpruned: buffers below
     shapes = manifest["shapes"]
     for name, shape in shapes.items():
         path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
@@ -234,7 +238,12 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
                 setattr(owner, leaf, nn.Parameter(new, requires_grad=cur.requires_grad))
             else:
                 owner.register_buffer(leaf, new)
-    _set_layer_attributes(model, config, manifest.get("layers", {}))
+    if base is not None:
+        _set_layer_attributes(model, base, manifest.get("layers", {}), hidden=_hidden_counts(base, config))
+        _adopt_config(model.config, config)
+    else:  # manifests written before base_config: the pruned config builds the model
+        _set_layer_attributes(model, config, manifest.get("layers", {}))
+    state = _hf_names(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -248,7 +257,7 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
         if buf.is_meta:  # non-persistent buffers (rotary inv_freq) are recomputed by the module
             path, leaf = name.rsplit(".", 1)
             owner = model.get_submodule(path)
-            fresh = _fresh_buffer(cls, config, path, leaf)
+            fresh = _fresh_buffer(cls, base if base is not None else config, path, leaf)
             if fresh is None:
                 raise ModelLoadError(f"cannot rebuild buffer {name}")
             owner.register_buffer(leaf, fresh, persistent=False)
@@ -273,20 +282,64 @@ def _fresh_buffer(cls: type, config: Any, path: str, leaf: str) -> torch.Tensor 
     return None
 
 
-def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[str, int]]) -> None:
-    """Per-layer head counts and widths, where layers differ from the config's (largest) values."""
-    cfg_vals = {"q_heads": getattr(config, "num_attention_heads", None),
-                "kv_heads": getattr(config, "num_key_value_heads", None),
-                "mlp": getattr(config, "intermediate_size", None)}
+def _hidden_counts(base: Any, pruned: Any) -> tuple[int, int] | None:
+    """(unpruned, pruned) residual width, where the prune changed it."""
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        old, new = getattr(base, key, None), getattr(pruned, key, None)
+        if isinstance(old, int) and isinstance(new, int):
+            return (old, new) if old != new else None
+    return None
+
+
+def _adopt_config(shared: Any, pruned: Any) -> None:
+    """The saved (pruned) config's sizes on the shared config object the modules were built with,
+    as the rewrite leaves it in memory."""
+    for key in CONFIG_KEYS:
+        if hasattr(shared, key) and hasattr(pruned, key):
+            setattr(shared, key, getattr(pruned, key))
+
+
+def _hf_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the key renamings transformers applies when it loads a checkpoint
+    (``save_pretrained`` writes some weights under their hub names: GPT-NeoX's ``embed_out`` is
+    the model's ``lm_head``). Keys the model already has, or any failure of those internals, keep
+    their names."""
+    own = set(model.state_dict())
+    if set(state) <= own:
+        return state
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        renamed = {(k if k in own else rename_source_key(k, renamings, [])[0]): v for k, v in state.items()}
+    except Exception as exc:  # noqa: BLE001 -- transformers internals; the mismatch is reported after
+        log.debug("no checkpoint renaming: %s: %s", type(exc).__name__, exc)
+        return state
+    return renamed if len(renamed) == len(state) else state
+
+
+def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[str, int]],
+                          hidden: tuple[int, int] | None = None) -> None:
+    """Per-layer head counts and widths (and the residual width ``hidden``, (old, new)) on the
+    modules of a model built with ``config``, where they differ from its values."""
+    def first_int(*keys: str) -> int | None:
+        return next((v for v in (getattr(config, k, None) for k in keys) if isinstance(v, int)), None)
+
+    cfg_vals = {"q_heads": first_int("num_attention_heads", "n_head", "n_heads", "num_heads"),
+                "kv_heads": first_int("num_key_value_heads", "num_kv_heads"),
+                "mlp": first_int("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff")}
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads if getattr(config, "num_attention_heads", None) else None)
     for path, mod in model.named_modules():
         _fix_standard_module(mod)
         layer = layer_of(path)
         entry = layers.get(str(layer)) if layer is not None else None
-        if not entry:
+        counts = {k: (cfg_vals[k], v) for k, v in (entry or {}).items() if cfg_vals.get(k) is not None}
+        if hidden is not None:
+            counts["hidden"] = hidden
+        if not counts:
             continue
-        counts = {k: (cfg_vals[k], v) for k, v in entry.items() if cfg_vals.get(k) is not None}
         if "q_heads" in counts and "kv_heads" in counts and counts["kv_heads"][1]:
             counts["kv_groups"] = (counts["q_heads"][0] // counts["kv_heads"][0],
                                    counts["q_heads"][1] // counts["kv_heads"][1])
@@ -296,10 +349,9 @@ def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[
             val = getattr(mod, attr, None)
             if key in counts and isinstance(val, int) and val == counts[key][0]:
                 setattr(mod, attr, counts[key][1])
-        if getattr(mod, "config", None) is not None and path.count(".") > 0:
+        if getattr(mod, "config", None) is not None and layer is not None and path.count(".") > 0:
             private = copy.copy(mod.config)
-            for ck, key in (("num_attention_heads", "q_heads"), ("num_key_value_heads", "kv_heads"),
-                            ("intermediate_size", "mlp")):
+            for ck, key in CONFIG_KEYS.items():
                 if key in counts and getattr(private, ck, None) == counts[key][0]:
                     setattr(private, ck, counts[key][1])
             mod.config = private

@@ -124,3 +124,25 @@ def test_prune_and_export_onnx(arch, tmp_path):
     assert (run_model(res.model, x) - run_model(res.graph_module, x)).abs().max() < 1e-5
     rep = fxprune.export_onnx(res, tmp_path / f"{arch}.onnx")
     assert rep["max_abs_diff"] is not None and rep["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_and_reload(arch, tmp_path):
+    """The saved directory rebuilds the pruned model exactly, for families whose attention derives
+    head_dim from hidden_size // heads (Qwen2, OPT, OLMo 2), refuses a head count that does not
+    divide hidden_size (GPT-J, BLOOM) or saves a weight under its hub name (GPT-NeoX's embed_out)."""
+    model = tiny(arch)
+    res = fxprune.prune(model, inputs(arch), ratio=0.25, targets=("heads", "kv_heads", "mlp"))
+    fxprune.save(res, tmp_path / arch)
+    back, _ = fxprune.load_model(str(tmp_path / arch))
+    x = inputs(arch, 3, 9, seed=5)
+    assert torch.equal(run_model(back, x), run_model(res.model, x))
+    assert sum(p.numel() for p in back.parameters()) == res.report["params_after"]
+
+
+def test_pinned_heads_leave_the_config_alone():
+    """BLOOM's heads stay pinned (its attention merges heads with the batch): the layer's
+    split-dim group of 3 once overwrote the head count, and the saved config said n_head=3."""
+    res = fxprune.prune(tiny("bloom"), inputs("bloom"), ratio=0.2, targets=("heads", "mlp"))
+    assert res.model.config.n_head == 4
+    assert all(e["q_heads"] == 4 for e in res.model.fxprune_layers.values())

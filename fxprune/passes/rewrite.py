@@ -149,14 +149,16 @@ def _counts(masks: KeepMasks, groups: list[Group]) -> dict[str, tuple[int, int]]
     """(old, new) counts for the groups of one layer (or the model-wide hidden group)."""
     out: dict[str, tuple[int, int]] = {}
     gqa: Group | None = None
-    for g in groups:
+    # where the rules could not tie a layer's heads into one group (BLOOM merges heads with the
+    # batch), several pinned "heads" groups disagree on the count: a prunable group, else the first, speaks
+    for g in sorted(groups, key=lambda g: not g.prunable):
         kept = _kept(masks, g)
         if g.kind == "heads" and g.block:
-            gqa = g
-            out["kv_groups"] = (g.block, kept // (g.units // g.block))
+            gqa = gqa or g
+            out.setdefault("kv_groups", (g.block, kept // (g.units // g.block)))
         elif g.kind in ("heads", "kv_heads", "mlp", "hidden"):
             key = "q_heads" if g.kind == "heads" else g.kind
-            out[key] = (g.units, kept)
+            out.setdefault(key, (g.units, kept))
     if gqa is not None:  # query heads = kv heads kept x query heads kept per kv head
         blocks = gqa.units // gqa.block
         kv_new = out.get("kv_heads", (blocks, blocks))[1]
@@ -183,6 +185,7 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
             if g.kind == "heads" and g.units:
                 head_dims[layer] = g.head_dim
     per_layer: dict[int, dict[str, int]] = {}
+    changed: set[str] = set()  # the keys some layer's plan changes: only those reach the config
     for path, mod in model.named_modules():
         _fix_standard_module(mod)
         layer = layer_of(path)
@@ -201,6 +204,8 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
             for key in ("q_heads", "kv_heads", "mlp"):
                 if key in counts:
                     entry[key] = counts[key][1]
+                    if counts[key][0] != counts[key][1]:
+                        changed.add(key)
         cfg = getattr(mod, "config", None)
         if cfg is not None and layer is not None and path.count(".") > 0:
             # modules that read shapes from the (shared) config get a private copy with their values
@@ -211,6 +216,8 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
     if cfg is not None:
         uniform = {}
         for key in ("q_heads", "kv_heads", "mlp"):
+            if key not in changed:
+                continue
             vals = {e[key] for e in per_layer.values() if key in e}
             if len(vals) == 1:
                 uniform[key] = vals.pop()
