@@ -10,6 +10,7 @@ Writes go to a temporary directory that is moved into place only when complete.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -134,8 +135,13 @@ def _save_pretrained(model: nn.Module, out: Path) -> None:
         from huggingface_hub.errors import StrictDataclassError
     except ImportError:  # older hub: configs are not validated on save
         StrictDataclassError = ()  # noqa: N806
+    # the model's own weight names (not the hub layout transformers converts from on load: fused
+    # MoE experts saved back as one tensor per expert, GPT-NeoX's lm_head as embed_out), which
+    # load() and transformers 5's from_pretrained both read as they are
+    native = ({"save_original_format": False}
+              if "save_original_format" in inspect.signature(model.save_pretrained).parameters else {})
     try:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, **native)
     except StrictDataclassError as exc:
         why = str(exc.__cause__ or exc).strip().splitlines()[-1].strip().rstrip(".")
         raise FxpruneError(f"transformers refuses the pruned config ({why}); prune hidden in multiples of "

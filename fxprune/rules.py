@@ -423,14 +423,14 @@ def stack(ctx: Ctx, node: fx.Node) -> None:
     tensors = [t for t in node.args[0] if ctx.d(t) is not None]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out = ctx.fresh(node)
+    rest = [out[k] for k in range(len(out)) if k != _norm_dim(int(dim), len(out))]
+    if any(len(ctx.d(t)) != len(rest) for t in tensors):  # not what stack takes: leave nothing uncoupled
+        unknown(ctx, node)
+        return
     ctx.dims[node] = out
-    dim = _norm_dim(int(dim), len(out))
-    rest = [out[k] for k in range(len(out)) if k != dim]
     for t in tensors:
-        td = ctx.d(t)
-        if len(td) == len(rest):
-            for a, b in zip(td, rest):
-                ctx.unify(a, b, node)
+        for a, b in zip(ctx.d(t), rest):
+            ctx.unify(a, b, node)
 
 
 def repeat_interleave(ctx: Ctx, node: fx.Node) -> None:
@@ -569,6 +569,59 @@ def layer_norm(ctx: Ctx, node: fx.Node) -> None:
             ctx.solver.pin(xd[-k], f"multi-dim normalisation at {ctx.where(node)}")
 
 
+def batch_norm(ctx: Ctx, node: fx.Node) -> None:
+    """batch_norm (x, weight, bias, running_mean, running_var, ...): per-channel statistics and
+    affine over dim 1, so every per-channel tensor shares that dim and the rest pass through. Each
+    channel is normalised on its own: removing one is the same as zeroing it."""
+    x = node.args[0]
+    xd = ctx.d(x)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    main = out[0] if out and isinstance(out[0], list) else out  # native variants return a tuple
+    if xd is None or len(xd) < 2:
+        return
+    for k in range(len(xd)):
+        ctx.unify(xd[k], main[k], node)
+    for p in node.args[1:5]:
+        pd = ctx.d(p) if isinstance(p, fx.Node) else None
+        if pd:
+            ctx.unify(pd[0], xd[1], node)
+
+
+def pool(ctx: Ctx, node: fx.Node) -> None:
+    """max / avg / adaptive pooling over the last 1-3 dims: the leading (batch, channel) dims pass
+    through, the pooled ones get new sizes."""
+    x = node.args[0]
+    xd = ctx.d(x)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    if xd is None:
+        return
+    spatial = int(op_name(node).split("pool")[1][0])  # max_pool2d -> 2, adaptive_avg_pool1d -> 1
+    for o in out if out and isinstance(out[0], list) else [out]:  # with_indices: (values, indices)
+        for k in range(len(xd) - spatial):
+            ctx.unify(xd[k], o[k], node)
+
+
+def pad(ctx: Ctx, node: fx.Node) -> None:
+    """pad / constant_pad_nd (x, pad): the last len(pad) / 2 dims grow by their padding (pinned
+    where it is not zero: their size is a literal); the other dims pass through."""
+    x, amounts = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    xd = ctx.d(x)
+    if xd is None or not isinstance(amounts, (list, tuple)) or len(amounts) % 2 or len(amounts) // 2 > len(xd):
+        unknown(ctx, node)
+        return
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    for i in range(len(xd)):
+        j = len(xd) - 1 - i  # amounts come in (before, after) pairs from the last dim backwards
+        if 2 * j + 1 < len(amounts) and (amounts[2 * j] != 0 or amounts[2 * j + 1] != 0):
+            for v in (xd[i], out[i]):
+                ctx.solver.pin(v, f"padded dim at {ctx.where(node)}")
+        else:
+            ctx.unify(xd[i], out[i], node)
+
+
 def sdpa(ctx: Ctx, node: fx.Node) -> None:
     """scaled_dot_product_attention(q, k, v, mask): heads line up across q/k/v; q.k contract
     head_dim; the output's last dim is v's."""
@@ -621,6 +674,8 @@ def conv(ctx: Ctx, node: fx.Node) -> None:
     ctx.unify(xd[0], out[0], node)
     ctx.unify(xd[1], wd[1], node)
     ctx.unify(out[1], wd[0], node)
+    for k in wd[2:]:  # the kernel's taps are not channels
+        ctx.solver.pin(k, f"convolution kernel size at {ctx.where(node)}")
     bd = ctx.d(b)
     if bd:
         ctx.unify(bd[0], out[1], node)
@@ -700,6 +755,11 @@ RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
     "layer_norm": layer_norm, "native_layer_norm": layer_norm, "rms_norm": layer_norm,
     "scaled_dot_product_attention": sdpa,
     "conv1d": conv, "conv2d": conv, "conv3d": conv, "convolution": conv,
+    **{name: batch_norm for name in ("batch_norm", "_native_batch_norm_legit_no_training",
+                                     "_native_batch_norm_legit", "native_batch_norm")},
+    **{f"{kind}_pool{n}d{suffix}": pool for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
+       for n in (1, 2, 3) for suffix in ("", "_with_indices")},
+    "pad": pad, "constant_pad_nd": pad,
     **{name: creation for name in ("zeros", "ones", "full", "empty", "arange", "new_zeros", "new_ones",
                                    "new_full", "new_empty", "randn", "rand", "linspace", "tensor",
                                    "scalar_tensor")},

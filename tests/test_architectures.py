@@ -48,6 +48,12 @@ def tiny(name: str) -> torch.nn.Module:
                                                                    n_heads=4, max_position_embeddings=64)),
         "t5_encoder": lambda: T.T5EncoderModel(T.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8, num_layers=2,
                                                           num_heads=4)),
+        "mobilebert": lambda: T.MobileBertModel(T.MobileBertConfig(vocab_size=VOCAB, hidden_size=32, embedding_size=16,
+                                                                   intermediate_size=48, num_hidden_layers=2,
+                                                                   num_attention_heads=4, intra_bottleneck_size=16,
+                                                                   true_hidden_size=16)),  # pad
+        "resnet": lambda: T.ResNetModel(T.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                       depths=[1, 1], layer_type="basic")),  # batch norm, pooling
         "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=16, patch_size=4, num_channels=3)),
     }
@@ -55,13 +61,14 @@ def tiny(name: str) -> torch.nn.Module:
 
 
 ARCHS = ["mistral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt", "distilbert",
-         "t5_encoder", "vit"]
+         "t5_encoder", "mobilebert", "resnet", "vit"]
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    if name == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    if name in ("vit", "resnet"):
+        side = 16 if name == "vit" else 32
+        return {"pixel_values": torch.randn(batch, 3, side, side, generator=g)}
     return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
 
 

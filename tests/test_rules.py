@@ -253,6 +253,84 @@ def test_repeat_interleave_pins_the_repeated_dim_only():
     assert not dg.unknown_ops
 
 
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU, max pool, a residual block, adaptive average pool, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.inner = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.back = nn.Sequential(nn.Conv2d(12, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.back(self.inner(h)))
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _randomize_bn(model):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model.eval()
+
+
+def test_batch_norm_and_pooling_keep_conv_channels_prunable():
+    dg = groups_of(_randomize_bn(SmallCNN()), torch.randn(2, 3, 8, 8))
+    inner = find(dg, "inner.0.weight", 0)
+    assert inner.prunable and not inner.inexact and inner.units == 12
+    assert {("inner.1.weight", 0), ("inner.1.bias", 0), ("back.0.weight", 1)} <= members(inner)
+    assert any(m.param == "inner.1.running_mean" for m in inner.members)  # statistics go with the channel
+    stream = find(dg, "stem.0.weight", 0)  # the residual stream: stem conv, BN, back conv, head columns
+    assert stream.prunable and {("back.1.weight", 0), ("head.weight", 1)} <= members(stream)
+    kernel = find(dg, "inner.0.weight", 2)
+    assert not kernel.prunable and "kernel size" in kernel.reason
+    assert not dg.unknown_ops
+
+
+def test_pruned_cnn_equals_masked_and_batch_norm_shrinks():
+    from fxprune.passes.rewrite import apply_plan, masked_copy
+    from fxprune.plan import Plan
+
+    model = _randomize_bn(SmallCNN())
+    program = fxprune.capture(model, torch.randn(2, 3, 8, 8))
+    dg = fxprune.dependency_graph(program)
+    inner, stream = find(dg, "inner.0.weight", 0), find(dg, "stem.0.weight", 0)
+    plan = Plan({inner.id: [0, 2, 3, 7, 11], stream.id: [1, 2, 4, 5, 6]})
+    rw = apply_plan(program, dg, plan)
+    x = torch.randn(3, 3, 8, 8)
+    ref = masked_copy(program, dg, plan)(x)
+    assert (rw.model(x) - ref).abs().max() < 1e-5
+    assert rw.model.inner[1].num_features == 5 and rw.model.inner[1].running_var.shape == (5,)
+
+
+class Padded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+        self.c = nn.Linear(4, 3)
+        self.d = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: (batch, seq, 4)
+        h = F.pad(self.a(x), (0, 0, 1, 2))  # the sequence padded, not the channels
+        g = F.pad(self.c(x), (1, 0))  # the channels padded: 3 -> 4
+        return self.b(h).mean(1) + self.d(g).mean(1)
+
+
+def test_pad_passes_unpadded_dims_and_pins_padded_ones():
+    dg = groups_of(Padded(), torch.randn(2, 5, 4))
+    assert find(dg, "a.weight", 0).prunable  # channels were not padded
+    padded = find(dg, "c.weight", 0)
+    assert not padded.prunable and "padded dim" in padded.reason
+    assert not dg.unknown_ops
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

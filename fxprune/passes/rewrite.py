@@ -259,6 +259,8 @@ def _fix_standard_module(mod: nn.Module) -> None:
         mod.num_embeddings, mod.embedding_dim = w.shape
     elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and w.dim() == 1:
         mod.normalized_shape = (w.shape[0],)
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and w.dim() == 1:
+        mod.num_features = w.shape[0]
     elif isinstance(mod, nn.modules.conv._ConvNd):
         mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
     elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # GPT-2's transposed linear
