@@ -144,7 +144,16 @@ def load_model(spec: str, device: str | torch.device = "cpu",
         model = model.to(dtype=dtype)
     else:
         model, tok = _load_hf_dir(path, dtype)
-    return model.to(device).eval(), tok
+    return _in_eval_mode(model.to(device)), tok
+
+
+def _in_eval_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()``; a saved plain module comes back as torch.export's unlifted graph, which
+    refuses train/eval (it has no such behaviour to switch) and is returned as it is."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def _load_saved(path: Path) -> tuple[nn.Module, Any] | None:

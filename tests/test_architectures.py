@@ -153,3 +153,26 @@ def test_pinned_heads_leave_the_config_alone():
     res = fxprune.prune(tiny("bloom"), inputs("bloom"), ratio=0.2, targets=("heads", "mlp"))
     assert res.model.config.n_head == 4
     assert all(e["q_heads"] == 4 for e in res.model.fxprune_layers.values())
+
+
+def test_plain_cnn_prunes_saves_reloads_and_exports(tmp_path):
+    """A user's own conv-BN network (no Hugging Face config): saved as torch.export's program,
+    which load_model returns without the eval() it refuses."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    res = fxprune.prune(model, torch.randn(2, 3, 8, 8), ratio=0.3, targets=("mlp",))
+    assert res.model[1].num_features < 16 and res.report["removed_fraction"] >= 0.3
+    fxprune.save(res, tmp_path / "cnn")
+    back, tok = fxprune.load_model(str(tmp_path / "cnn"))
+    x = torch.randn(5, 3, 8, 8)
+    assert tok is None and torch.equal(back(x), res.model(x))
+    assert fxprune.export_onnx(res, tmp_path / "cnn.onnx")["max_abs_diff"] <= 1e-4
