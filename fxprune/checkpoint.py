@@ -144,8 +144,9 @@ def _save_pretrained(model: nn.Module, out: Path) -> None:
         model.save_pretrained(out, safe_serialization=True, **native)
     except StrictDataclassError as exc:
         why = str(exc.__cause__ or exc).strip().splitlines()[-1].strip().rstrip(".")
-        raise FxpruneError(f"transformers refuses the pruned config ({why}); prune hidden in multiples of "
-                           f"the head count (--round-to) or leave hidden out of --targets") from exc
+        raise FxpruneError(f"transformers refuses the pruned config ({why}); prune to counts it accepts "
+                           f"(--round-to N keeps units in multiples of N) or leave the kind it names "
+                           f"(heads, hidden) out of --targets") from exc
 
 
 def _json_default(o: Any) -> Any:
@@ -335,8 +336,9 @@ def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[
     cfg_vals = {"q_heads": first_int("num_attention_heads", "n_head", "n_heads", "num_heads"),
                 "kv_heads": first_int("num_key_value_heads", "num_kv_heads"),
                 "mlp": first_int("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff")}
-    head_dim = getattr(config, "head_dim", None) or (
-        config.hidden_size // config.num_attention_heads if getattr(config, "num_attention_heads", None) else None)
+    hidden_size = first_int("hidden_size", "n_embd", "d_model", "dim")
+    head_dim = first_int("head_dim") or (  # per-stage head lists (Swin) give none
+        hidden_size // cfg_vals["q_heads"] if hidden_size and cfg_vals["q_heads"] else None)
     for path, mod in model.named_modules():
         _fix_standard_module(mod)
         layer = layer_of(path)

@@ -176,3 +176,24 @@ def test_plain_cnn_prunes_saves_reloads_and_exports(tmp_path):
     x = torch.randn(5, 3, 8, 8)
     assert tok is None and torch.equal(back(x), res.model(x))
     assert fxprune.export_onnx(res, tmp_path / "cnn.onnx")["max_abs_diff"] <= 1e-4
+
+
+def test_config_that_refuses_the_head_count_says_how_to_prune(tmp_path):
+    """CLIP's config needs hidden_size divisible by the head count: 3 of 4 heads cannot be saved,
+    and the error names the way out, which works."""
+    import transformers as T
+
+    from fxprune.errors import FxpruneError
+
+    torch.manual_seed(0)
+    model = T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=16, patch_size=4)).eval()
+    x = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    res = fxprune.prune(model, x, ratio=0.1, targets=("heads",))
+    with pytest.raises(FxpruneError, match=r"not a multiple of the number of attention heads \(3\).*--round-to N"):
+        fxprune.save(res, tmp_path / "odd")
+    assert not (tmp_path / "odd").exists()
+    res = fxprune.prune(model, x, ratio=0.1, targets=("heads",), round_to=2)
+    fxprune.save(res, tmp_path / "even")
+    back, _ = fxprune.load_model(str(tmp_path / "even"))
+    assert torch.equal(run_model(back, x), run_model(res.model, x))
