@@ -176,6 +176,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # windows 20% 58.557 (1.373x), 50% 115.040 (2.698x); 600 steps on the 600 windows 20% 50.530
 # (1.185x, recovery 427 s), 50% 78.316 (1.837x, 339 s). With that much unlabeled text the 20% model
 # comes within 1.2x of dense without learning anything the dense model does not know.
+# 2026-12-06 (fourth session, same Xeon; rewrite and rules changed for other architectures only):
+# dense, fxprune@0.2 / @0.5 and tp-taylor reproduce 42.635 / 59.644 (1.399x, 41.0 s) / 127.505
+# (2.991x, 49.0 s) / 80.491 (1.888x, 5.5 s).
 # Keeping the teacher's log-probabilities for windows recovery sees again (40 windows, 80 steps)
 # was tried: recovery 61.8 s against 60.6 s, 0.9 GB more peak memory; not kept.
 BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}

@@ -52,6 +52,10 @@ round 1 1.077 / 1.035, round 64 1.043 / 1.023; 50% heads+MLP round 1 1.071 / 0.9
 25-28 s before the fusions' ~30 s. Each line now carries ``export_s``, ``export_capture`` and
 ``dense_export_s``.
 
+2026-12-06 (fourth session, same Xeon): 20% heads+MLP round 1 0.997 / 1.010, round 64 1.007 / 0.975;
+20% MLP-only round 1 1.033 / 1.018, round 64 1.049 / 1.019; 50% heads+MLP round 1 1.054 / 0.983,
+round 64 1.051 / 0.958; 50% MLP-only round 1 1.199 / 1.126 (the miss again); all ``stitched``.
+
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a
 2-core AVX2 EPYC, 50% heads+MLP, round 64, batch 1, 2 threads (latency_over_param; batch 8 met

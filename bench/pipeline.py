@@ -64,6 +64,13 @@ ONNX exporter shares). ``--repeats 3``: fxprune 7.341 s (capture 1.919, importan
 2026-12-06 (third session, same Xeon, code unchanged): ``--repeats 3``: fxprune 6.547 s (capture
 1.611, importance 3.991, rewrite 0.673), fxprune-bf16 4.770 s (importance 2.123), Torch-Pruning
 6.027 s (gradients 4.906): ratios 1.086 / 0.791 (process CPU 1.009 / 0.693).
+2026-12-06 (fourth session, same Xeon, pipeline code unchanged): ``--repeats 3``: fxprune 6.664 s
+(capture 1.587, importance 4.129, rewrite 0.670), fxprune-bf16 4.520 s (importance 1.999),
+Torch-Pruning 5.839 s (gradients 4.794): ratios 1.141 / 0.774 (process CPU 1.073 / 0.682). Of
+capture's ~1.5 s, ~1.0 s is importing torch.export's machinery (torch._dynamo) on first use in a
+fresh process: a trivial Linear's first export takes 1.08 s, its second 0.02 s. Running capture
+beside the gradient pass in a thread is not safe: tracing patches ``torch.nn.Module.__call__``
+process-wide, so the other thread's forward would be traced.
 
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
