@@ -397,8 +397,11 @@ def _check_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any, note
         got = run_model(model, example_inputs)
         diff = float((got - want).abs().max())
     except Exception as exc:  # the module's own code may hard-code shapes
+        hint = ""
+        if "multiple of 16 bytes" in str(exc):  # torch's grouped matmul (mixture-of-experts layers)
+            hint = "; grouped matmuls need widths in multiples of 16 bytes: prune with --round-to 8 to keep the module"
         notes.append(f"eager module does not run after pruning ({type(exc).__name__}: {exc}); "
-                     "the pruned graph module is returned as the model")
+                     f"the pruned graph module is returned as the model{hint}")
         return gm, notes
     if diff > 1e-4 * max(1.0, float(want.abs().max())):
         raise VerificationError(f"pruned eager model and pruned graph disagree by {diff:.3g}")

@@ -267,6 +267,22 @@ def matmul(ctx: Ctx, node: fx.Node) -> None:
     _matmul_dims(ctx, node, node.args[0], node.args[1], out)
 
 
+def grouped_mm(ctx: Ctx, node: fx.Node) -> None:
+    """grouped_mm(x (S, in), w (experts, in, out), offs): each token's row times its expert's matrix,
+    so ``in`` and ``out`` couple like a matmul's across every expert at once (a channel goes from all
+    experts together); the rows pass through. Mixture-of-experts layers in transformers 5."""
+    x, w = node.args[0], node.args[1]
+    xd, wd = ctx.d(x), ctx.d(w)
+    if xd is None or wd is None or len(xd) != 2 or len(wd) != 3:
+        unknown(ctx, node)
+        return
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    ctx.unify(xd[0], out[0], node)
+    ctx.unify(xd[1], wd[1], node)
+    ctx.unify(wd[2], out[1], node)
+
+
 def addmm(ctx: Ctx, node: fx.Node) -> None:
     """addmm(bias, x, w) / baddbmm(bias, x, w): a matmul plus a broadcast bias."""
     out = ctx.fresh(node)
@@ -740,6 +756,7 @@ RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
     "linear": linear,
     "matmul": matmul, "mm": matmul, "bmm": matmul,
     "addmm": addmm, "baddbmm": addmm,
+    "grouped_mm_fallback": grouped_mm, "_grouped_mm": grouped_mm,
     "t": permute, "numpy_T": permute, "transpose": permute, "swapaxes": permute, "swapdims": permute,
     "permute": permute,
     **{name: reshape for name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten",

@@ -33,6 +33,8 @@ def tiny(name: str) -> torch.nn.Module:
         "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**c, **gqa)),  # q/k/v biases
         "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**c, **gqa, head_dim=8)),
         "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**c, **gqa, head_dim=8)),  # soft-capping, 4 norms
+        "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**c, **gqa, num_local_experts=4,
+                                                                num_experts_per_tok=2)),  # experts: grouped_mm
         "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**c, **gqa, eos_token_id=0, pad_token_id=0)),
         "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**c, num_attention_heads=4)),  # fused qkv
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
@@ -60,7 +62,7 @@ def tiny(name: str) -> torch.nn.Module:
     return configs[name]().eval()
 
 
-ARCHS = ["mistral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt", "distilbert",
+ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt", "distilbert",
          "t5_encoder", "mobilebert", "resnet", "vit"]
 
 
@@ -197,3 +199,31 @@ def test_config_that_refuses_the_head_count_says_how_to_prune(tmp_path):
     fxprune.save(res, tmp_path / "even")
     back, _ = fxprune.load_model(str(tmp_path / "even"))
     assert torch.equal(run_model(back, x), run_model(res.model, x))
+
+
+def test_mixture_of_experts_channels_go_from_every_expert_together():
+    dg = fxprune.dependency_graph(fxprune.capture(tiny("mixtral"), inputs("mixtral")))
+    experts = [g for g in dg.prunable if g.kind == "mlp" and g.layer == 0]
+    assert len(experts) == 1 and experts[0].units == 48  # intermediate_size, shared by the 4 experts
+    params = {(m.param, m.dim) for m in experts[0].members}
+    assert ("model.layers.0.mlp.experts.down_proj", 2) in params
+    assert any(p == "model.layers.0.mlp.experts.gate_up_proj" for p, _ in params)  # gate and up halves
+
+
+def test_grouped_matmul_widths_note_says_round_to():
+    """torch's grouped matmul (Qwen2-MoE's experts in eager mode) needs rows of 16 bytes: a ragged
+    width leaves only the graph module, and the note says how to keep the model class."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=24, shared_expert_intermediate_size=48)
+    model = T.Qwen2MoeForCausalLM(cfg).eval()
+    ragged = fxprune.prune(model, inputs("qwen2"), ratio=0.2, targets=("mlp",))  # experts keep 17 of 24
+    assert isinstance(ragged.model, torch.fx.GraphModule)
+    assert any("--round-to 8" in n for n in ragged.report["notes"])
+    res = fxprune.prune(model, inputs("qwen2"), ratio=0.2, targets=("mlp",), round_to=8)
+    assert type(res.model).__name__ == "Qwen2MoeForCausalLM" and res.report["removed_fraction"] >= 0.2
+    x = inputs("qwen2", 3, 9, seed=5)
+    assert (run_model(res.model, x) - run_model(res.graph_module, x)).abs().max() < 1e-5

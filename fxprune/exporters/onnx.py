@@ -467,12 +467,26 @@ def _torch_export(program: Program, opset: int, optimize: bool) -> Any:
         try:
             return torch.onnx.export(
                 program.exported, (), None, dynamo=True, opset_version=opset, optimize=optimize,
-                verbose=False,
+                verbose=False, custom_translation_table=moe_translations() or None,
             )
         except Exception as exc:  # the exporter raises many types; give one clear line
             raise FxpruneError(
                 f"torch.onnx.export failed for {type(program.model).__name__} at opset {opset}: {_one_line(exc)}"
             ) from exc
+
+
+def moe_translations() -> dict[Any, Any]:
+    """transformers' own ONNX translations of its mixture-of-experts matmuls (``_grouped_mm``,
+    ``transformers::grouped_mm_fallback``), which torchlib lacks; empty where this transformers has
+    none. Only those: transformers' table also overrides torchlib for ops every model uses."""
+    try:
+        from transformers.exporters import exporter_onnx
+
+        table = dict(getattr(exporter_onnx, "_ONNX_TRANSLATION_TABLE", {}))
+    except Exception as exc:  # noqa: BLE001 -- an optional extra of transformers' internals
+        log.debug("no transformers ONNX translations: %s: %s", type(exc).__name__, exc)
+        return {}
+    return {op: fn for op, fn in table.items() if "grouped_mm" in str(op)}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
