@@ -281,6 +281,7 @@ def grouped_mm(ctx: Ctx, node: fx.Node) -> None:
     ctx.unify(xd[0], out[0], node)
     ctx.unify(xd[1], wd[1], node)
     ctx.unify(wd[2], out[1], node)
+    ctx.solver.pin(wd[0], f"number of experts (the router chooses among them) at {ctx.where(node)}")
 
 
 def addmm(ctx: Ctx, node: fx.Node) -> None:
@@ -617,6 +618,8 @@ def pool(ctx: Ctx, node: fx.Node) -> None:
     for o in out if out and isinstance(out[0], list) else [out]:  # with_indices: (values, indices)
         for k in range(len(xd) - spatial):
             ctx.unify(xd[k], o[k], node)
+    for v in xd[len(xd) - spatial:]:  # a pooled dim's size decides the output's: never a channel to remove
+        ctx.solver.pin(v, f"pooled dim at {ctx.where(node)}")
 
 
 def pad(ctx: Ctx, node: fx.Node) -> None:

@@ -458,3 +458,19 @@ def test_sdpa_default_scale_pins_query_key_channels():
     qk = find(dg, "q.weight", 0)
     assert ("k.weight", 0) in members(qk) and not qk.prunable and "scale" in qk.reason
     assert find(dg, "v.weight", 0).prunable  # v / o channels do not enter the scale
+
+
+class PoolOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):  # (batch, seq, 4) -> 8 channels pooled pairwise -> 4
+        return self.b(F.max_pool1d(self.a(x), 2))
+
+
+def test_pooling_over_channels_pins_them():
+    dg = groups_of(PoolOverChannels(), torch.randn(2, 3, 4))
+    g = find(dg, "a.weight", 0)
+    assert not g.prunable and "pooled dim" in g.reason
