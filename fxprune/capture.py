@@ -183,6 +183,38 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
     return program
 
 
+class _Positional(nn.Module):
+    """Calls a GraphModule with flat positional inputs, as fxprune's graph modules expect.
+
+    ``train``/``eval`` do not reach the graph: a module unlifted from torch.export refuses them
+    (and has no train/eval behaviour to switch).
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def train(self, mode: bool = True) -> "_Positional":
+        self.training = mode
+        return self
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.gm(*inputs)
+
+
+def capture_as_called(model: nn.Module, example_inputs: Any) -> Program:
+    """:func:`capture`, where an ``fx.GraphModule`` (a pruned graph module returned as the model)
+    is fed the inputs positionally, as it is called (its placeholders are not the HF names)."""
+    if isinstance(model, fx.GraphModule):
+        args, kwargs = normalize_inputs(example_inputs)
+        placeholders = [n.name for n in model.graph.nodes if n.op == "placeholder"]
+        program = capture(_Positional(model), tuple(args) + tuple(kwargs.values()))
+        names = [placeholders[i] if i < len(placeholders) else f"input_{i}" for i in range(len(args))]
+        program.input_names = names + list(kwargs)
+        return program
+    return capture(model, example_inputs)
+
+
 def stitched_program(model: nn.Module, example_inputs: Any,
                      prepare: Callable[[torch.export.ExportedProgram], torch.export.ExportedProgram]
                      ) -> Program | None:
@@ -223,12 +255,21 @@ def matches_eager(ep: torch.export.ExportedProgram, model: nn.Module, example_in
 def in_eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the duration; every module's own mode comes back afterwards."""
     was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
+    eval_if_supported(model)
     try:
         yield
     finally:
         for m, mode in was_training:
             m.training = mode
+
+
+def eval_if_supported(model: nn.Module) -> nn.Module:
+    """``model.eval()``; a module unlifted from torch.export (a pruned graph module, a saved plain
+    module reloaded) refuses train/eval, having no such behaviour to switch, and is left as it is."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def _export(wrapper: nn.Module, flat: tuple, dynamic: tuple) -> torch.export.ExportedProgram:

@@ -117,10 +117,10 @@ def _write(result: Any, out: Path, extra: dict) -> None:
     else:
         from safetensors.torch import save_model
 
-        from .capture import capture
+        from .capture import capture_as_called
 
         save_model(model, str(out / "model.safetensors"))
-        program = capture(model, result.example_inputs)
+        program = capture_as_called(model, result.example_inputs)
         torch.export.save(program.exported, str(out / "model.pt2"))
         manifest["kind"] = "module"
     tok = getattr(result, "tokenizer", None)

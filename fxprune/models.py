@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import eval_if_supported
 from .errors import FxpruneError, ModelLoadError
 
 # name -> (module, file or dir inside it, distribution to pip install, description)
@@ -144,16 +145,7 @@ def load_model(spec: str, device: str | torch.device = "cpu",
         model = model.to(dtype=dtype)
     else:
         model, tok = _load_hf_dir(path, dtype)
-    return _in_eval_mode(model.to(device)), tok
-
-
-def _in_eval_mode(model: nn.Module) -> nn.Module:
-    """``model.eval()``; a saved plain module comes back as torch.export's unlifted graph, which
-    refuses train/eval (it has no such behaviour to switch) and is returned as it is."""
-    try:
-        return model.eval()
-    except NotImplementedError:
-        return model
+    return eval_if_supported(model.to(device)), tok  # a saved plain module is an unlifted graph
 
 
 def _load_saved(path: Path) -> tuple[nn.Module, Any] | None:

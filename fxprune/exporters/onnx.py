@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..capture import (Program, call_extras, capture, in_eval_mode, main_outputs, no_node_tracebacks,
-                       normalize_inputs)
+from ..capture import Program, call_extras, capture_as_called, in_eval_mode, main_outputs, no_node_tracebacks
 from ..errors import FxpruneError, VerificationError
 
 # Weights above this many bytes go to ``<name>.data`` beside the model: protobuf caps a single
@@ -185,7 +184,7 @@ def _as_program(obj: Any, example_inputs: Any) -> Program:
                 f"export_onnx needs example inputs for a {type(obj).__name__} "
                 "(a tensor, tuple or dict with batch >= 2)"
             )
-        return _capture(obj, example_inputs)
+        return capture_as_called(obj, example_inputs)
     model = getattr(obj, "model", None)
     program = getattr(obj, "program", None)
     inputs = example_inputs if example_inputs is not None else getattr(obj, "example_inputs", None)
@@ -198,7 +197,7 @@ def _as_program(obj: Any, example_inputs: Any) -> Program:
             inputs = _program_inputs(program)
         if inputs is None:
             raise FxpruneError(f"{type(obj).__name__} has a model but no example inputs to capture it with")
-        captured = _capture(model, inputs)
+        captured = capture_as_called(model, inputs)
         if isinstance(program, Program) and _generic(captured.output_names):
             # a pruned graph module has no config to tell ``logits`` apart: ask the original
             names = _output_names(program)
@@ -255,37 +254,6 @@ def _program_inputs(program: Program) -> Any:
     if not program.example_kwargs:
         return tuple(program.example_args)
     return None  # mixed positional + keyword inputs cannot be re-passed through normalize_inputs
-
-
-class _Positional(nn.Module):
-    """Calls a GraphModule with flat positional inputs, as fxprune's graph modules expect.
-
-    ``train``/``eval`` do not reach the graph: a module unlifted from torch.export refuses them
-    (and has no train/eval behaviour to switch).
-    """
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__()
-        self.gm = gm
-
-    def train(self, mode: bool = True) -> "_Positional":
-        self.training = mode
-        return self
-
-    def forward(self, *inputs: Any) -> Any:
-        return self.gm(*inputs)
-
-
-def _capture(model: nn.Module, example_inputs: Any) -> Program:
-    """``capture``; a GraphModule is fed positionally (its placeholders are not the HF names)."""
-    if isinstance(model, fx.GraphModule):
-        args, kwargs = normalize_inputs(example_inputs)
-        placeholders = [n.name for n in model.graph.nodes if n.op == "placeholder"]
-        program = capture(_Positional(model), tuple(args) + tuple(kwargs.values()))
-        names = [placeholders[i] if i < len(placeholders) else f"input_{i}" for i in range(len(args))]
-        program.input_names = names + list(kwargs)
-        return program
-    return capture(model, example_inputs)
 
 
 def _check_names(kind: str, given: Sequence[str] | None, default: list[str]) -> list[str]:
