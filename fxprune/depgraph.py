@@ -65,6 +65,7 @@ class Group:
     block: int = 0  # GQA query-head groups: units per kv head (keep the same count in each)
     head_dim: int = 0  # heads / kv_heads: channels of one head in q (fused qkv holds 3 per unit)
     inexact: bool = False  # removal is not the same as zero-masking (normalisation over the dim)
+    align: int = 1  # kept units a multiple of this (torch's grouped MoE matmul needs 16-byte rows)
 
     @property
     def params(self) -> int:
@@ -222,6 +223,10 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
     inexact_atoms = set()
     for v in ctx.inexact:
         inexact_atoms.update(solver.atoms_of(int(v)))
+    align_of: dict[int, int] = {}
+    for v, n in ctx.align.items():
+        for a in solver.atoms_of(int(v)):
+            align_of[a] = max(align_of.get(a, 1), n)
     # atom -> [(name, dim, coords, order of atoms in that dim, is_buffer)]
     uses: dict[int, list[tuple[str, int, dict[int, np.ndarray], list[int], bool]]] = {}
     for name, dim, var, is_buf in param_dims:
@@ -305,6 +310,7 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
         groups.append(Group(
             gid, kind, layer, units, unit_size, built, spec, prunable=not reason, reason=reason,
             block=block, inexact=bool(inexact_atoms & set(spec)),
+            align=max([align_of.get(a, 1) for a in spec] + [1]),
             head_dim=min(int((m.unit_of >= 0).sum()) // units for m in built if not m.is_buffer),
         ))
     order = {k: i for i, k in enumerate(KINDS)}

@@ -64,6 +64,7 @@ class Ctx:
     edges: list[tuple[int, int, str, str]] = field(default_factory=list)
     unknown: list[tuple[str, list[int]]] = field(default_factory=list)  # (where, dims it pinned)
     inexact: set[str] = field(default_factory=set)
+    align: dict[str, int] = field(default_factory=dict)  # dim var -> kept units must be a multiple of this
     prefix: str = ""
 
     # -- shapes ----------------------------------------------------------------------------------
@@ -282,6 +283,11 @@ def grouped_mm(ctx: Ctx, node: fx.Node) -> None:
     ctx.unify(xd[1], wd[1], node)
     ctx.unify(wd[2], out[1], node)
     ctx.solver.pin(wd[0], f"number of experts (the router chooses among them) at {ctx.where(node)}")
+    val = w.meta.get("val") if isinstance(w, fx.Node) else None
+    if isinstance(val, torch.Tensor):  # torch's grouped matmul needs rows of 16 bytes
+        rows = max(1, 16 // val.element_size())
+        for v in (wd[1], wd[2]):
+            ctx.align[str(v)] = max(ctx.align.get(str(v), 1), rows)
 
 
 def addmm(ctx: Ctx, node: fx.Node) -> None:

@@ -205,34 +205,51 @@ def test_mixture_of_experts_channels_go_from_every_expert_together():
     dg = fxprune.dependency_graph(fxprune.capture(tiny("mixtral"), inputs("mixtral")))
     experts = [g for g in dg.prunable if g.kind == "mlp" and g.layer == 0]
     assert len(experts) == 1 and experts[0].units == 48  # intermediate_size, shared by the 4 experts
+    assert experts[0].align == 4  # torch's grouped matmul: rows of 16 bytes, 4 float32 channels
     params = {(m.param, m.dim) for m in experts[0].members}
     assert ("model.layers.0.mlp.experts.down_proj", 2) in params
     assert any(p == "model.layers.0.mlp.experts.gate_up_proj" for p, _ in params)  # gate and up halves
 
 
-def test_grouped_matmul_widths_note_says_round_to():
-    """torch's grouped matmul (Qwen2-MoE's experts in eager mode) needs rows of 16 bytes: a ragged
-    width leaves only the graph module, and the note says how to keep the model class."""
+def _ragged_experts_plan(model, x, kept: int):
+    """A plan keeping ``kept`` channels of every layer's experts (and everything else)."""
+    from fxprune.plan import Plan
+
+    dg = fxprune.dependency_graph(fxprune.capture(model, x))
+    return Plan({g.id: list(range(kept)) for g in dg.prunable if g.kind == "mlp" and "experts" in g.id})
+
+
+def _qwen2_moe():
     import transformers as T
 
     torch.manual_seed(0)
     cfg = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=24, shared_expert_intermediate_size=48)
-    model = T.Qwen2MoeForCausalLM(cfg).eval()
-    ragged = fxprune.prune(model, inputs("qwen2"), ratio=0.2, targets=("mlp",))  # experts keep 17 of 24
-    assert isinstance(ragged.model, torch.fx.GraphModule)
-    assert any("--round-to 8" in n for n in ragged.report["notes"])
-    res = fxprune.prune(model, inputs("qwen2"), ratio=0.2, targets=("mlp",), round_to=8)
+    return T.Qwen2MoeForCausalLM(cfg).eval()
+
+
+def test_expert_widths_stay_grouped_matmul_aligned():
+    """torch's grouped matmul (Qwen2-MoE's experts in eager mode) needs rows of 16 bytes: selection
+    keeps expert widths in multiples of 4 float32 channels, so the model class keeps running."""
+    model = _qwen2_moe()
+    res = fxprune.prune(model, inputs("qwen2"), ratio=0.2, targets=("mlp",))
     assert type(res.model).__name__ == "Qwen2MoeForCausalLM" and res.report["removed_fraction"] >= 0.2
+    kept = [g["kept"] for g in res.report["groups"] if "experts" in g["id"]]
+    assert kept and all(k % 4 == 0 and k < 24 for k in kept)
     x = inputs("qwen2", 3, 9, seed=5)
     assert (run_model(res.model, x) - run_model(res.graph_module, x)).abs().max() < 1e-5
+    # a plan that ignores it (17 of 24) leaves the graph module, and the note says how to avoid that
+    ragged = fxprune.prune(model, inputs("qwen2"), plan=_ragged_experts_plan(model, inputs("qwen2"), 17))
+    assert isinstance(ragged.model, torch.fx.GraphModule)
+    assert any("--round-to 8" in n for n in ragged.report["notes"])
 
 
 def test_graph_module_result_saves_and_reloads(tmp_path):
-    """Ragged expert widths leave Mixtral's eager module unable to run, so prune returns the graph
-    module; saving it captured it by keyword (refused) and called eval() on it (refused)."""
-    res = fxprune.prune(tiny("mixtral"), inputs("mixtral"), ratio=0.2, targets=("mlp",))
+    """A plan with ragged expert widths leaves Mixtral's eager module unable to run, so prune returns
+    the graph module; saving it captured it by keyword (refused) and called eval() on it (refused)."""
+    model = tiny("mixtral")
+    res = fxprune.prune(model, inputs("mixtral"), plan=_ragged_experts_plan(model, inputs("mixtral"), 37))
     assert isinstance(res.model, torch.fx.GraphModule)
     fxprune.save(res, tmp_path / "gm")
     back, _ = fxprune.load_model(str(tmp_path / "gm"))

@@ -128,7 +128,7 @@ def _plan_local(groups: list[Group], orders: dict[str, list[np.ndarray]], frac: 
     for g in groups:
         f = min(1.0, frac * weights[g.id])
         n = max(1, int(round(g.units * (1.0 - f))))
-        n = _round_up(n, sel.round_to, g.units) if not g.block else n
+        n = _round_up(n, math.lcm(sel.round_to, g.align), g.units) if not g.block else n
         keep[g.id] = _keep_top(g, orders[g.id], n)
     return Plan(keep)
 
@@ -140,7 +140,7 @@ def _plan_global(groups: list[Group], norm: dict[str, np.ndarray], orders: dict[
         s = norm[g.id]
         n = int((s >= t).sum())
         floor = max(1, int(math.ceil(g.units * (1.0 - sel.max_group_ratio))))
-        n = _round_up(max(n, floor), sel.round_to, g.units) if not g.block else max(n, floor)
+        n = _round_up(max(n, floor), math.lcm(sel.round_to, g.align), g.units) if not g.block else max(n, floor)
         keep[g.id] = _keep_top(g, orders[g.id], n)
     return Plan(keep)
 
