@@ -563,7 +563,7 @@ def _name_axes(graph: Any, program: Program) -> None:
     """``s21`` -> ``batch``, ``s22`` -> ``sequence`` wherever a dim is exactly one input symbol."""
     import onnx_ir as ir
 
-    names: dict[str, str] = {}
+    names: dict[str, str | int] = {}
     n_seq = 0
     for node in _user_placeholders(program):
         val = node.meta.get("val")
@@ -573,7 +573,9 @@ def _name_axes(graph: Any, program: Program) -> None:
             sym = str(size.node.expr) if isinstance(size, torch.SymInt) else None
             if sym is None or sym in names:
                 continue
-            if d == 0:  # inputs may get separate batch symbols; they must agree at run time anyway
+            if not size.node.expr.free_symbols:  # a dim export made static (Whisper's mel bins): its size
+                names[sym] = int(size.node.expr)
+            elif d == 0:  # inputs may get separate batch symbols; they must agree at run time anyway
                 names[sym] = "batch"
             else:
                 n_seq += 1
@@ -584,9 +586,15 @@ def _name_axes(graph: Any, program: Program) -> None:
     for v in values:
         if v.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in names for d in v.shape):
             continue
-        dims = [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names else d
+        dims = [_renamed(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names else d
                 for d in v.shape]
         v.shape = ir.Shape(dims)
+
+
+def _renamed(name: str | int) -> Any:
+    import onnx_ir as ir
+
+    return name if isinstance(name, int) else ir.SymbolicDim(name)
 
 
 def _user_placeholders(program: Program) -> list[fx.Node]:
@@ -652,8 +660,8 @@ def fresh_inputs(program: Program, batch: int | None = None, seq: int | None = N
         val = placeholders[i].meta.get("val") if i < len(placeholders) else None
         shape = list(t.shape)
         for d, size in enumerate(getattr(val, "shape", ())):
-            if not isinstance(size, torch.SymInt):
-                continue  # a static dim (hidden size, image side) keeps its size
+            if not isinstance(size, torch.SymInt) or not getattr(size.node.expr, "free_symbols", True):
+                continue  # a static dim (hidden size, image side, Whisper's mel bins) keeps its size
             if d == 0:
                 shape[d] = new_batch
             else:
