@@ -16,7 +16,7 @@ import torch
 import torch.fx.config
 from torch import fx, nn
 
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 from .rules import module_path
 from .stitch import run_lifted, stitched_export
 
@@ -175,8 +175,7 @@ def capture(model: nn.Module, example_inputs: Any, *, stitch: bool = True) -> Pr
     except CaptureError:
         raise
     except Exception as exc:  # torch.export raises many types; give the user one clear line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {msg}") from exc
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first_line(exc)}") from exc
     if program is None:
         program = _program(ep, model, args, kwargs, _input_names(model, args, kwargs),
                            wrapper.output_names or ["output"])

@@ -229,8 +229,9 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
     # derive head_dim as hidden_size // heads (Qwen2, OPT, OLMo 2) or refuse a head count that does
     # not divide hidden_size (GPT-J, BLOOM), so the pruned config alone builds the wrong model.
     base = cls.config_class.from_dict(manifest["base_config"]) if "base_config" in manifest else None
+    arch = base if base is not None else config  # what the modules are built from (and their buffers)
     with torch.device("meta"):
-        model = cls(copy.deepcopy(base) if base is not None else config)  # base stays unpruned: buffers below
+        model = cls(copy.deepcopy(arch))  # the copy takes the pruned sizes below; arch stays as built
     shapes = manifest["shapes"]
     for name, shape in shapes.items():
         path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
@@ -264,7 +265,7 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
         if buf.is_meta:  # non-persistent buffers (rotary inv_freq) are recomputed by the module
             path, leaf = name.rsplit(".", 1)
             owner = model.get_submodule(path)
-            fresh = _fresh_buffer(cls, base if base is not None else config, path, leaf)
+            fresh = _fresh_buffer(cls, arch, path, leaf)
             if fresh is None:
                 raise ModelLoadError(f"cannot rebuild buffer {name}")
             owner.register_buffer(leaf, fresh, persistent=False)
@@ -289,13 +290,24 @@ def _fresh_buffer(cls: type, config: Any, path: str, leaf: str) -> torch.Tensor 
     return None
 
 
+# the config keys that hold each size, in the order families use them
+_SIZE_KEYS = {"q_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
+              "kv_heads": ("num_key_value_heads", "num_kv_heads"),
+              "mlp": ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff"),
+              "hidden": ("hidden_size", "n_embd", "d_model", "dim"),
+              "head_dim": ("head_dim",)}
+
+
+def _config_size(config: Any, kind: str) -> int | None:
+    """The first integer ``config`` holds under a key of ``kind`` (lists, e.g. Swin's per-stage
+    head counts, are not one size)."""
+    return next((v for v in (getattr(config, k, None) for k in _SIZE_KEYS[kind]) if isinstance(v, int)), None)
+
+
 def _hidden_counts(base: Any, pruned: Any) -> tuple[int, int] | None:
     """(unpruned, pruned) residual width, where the prune changed it."""
-    for key in ("hidden_size", "n_embd", "d_model", "dim"):
-        old, new = getattr(base, key, None), getattr(pruned, key, None)
-        if isinstance(old, int) and isinstance(new, int):
-            return (old, new) if old != new else None
-    return None
+    old, new = _config_size(base, "hidden"), _config_size(pruned, "hidden")
+    return (old, new) if old is not None and new is not None and old != new else None
 
 
 def _adopt_config(shared: Any, pruned: Any) -> None:
@@ -330,14 +342,9 @@ def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[
                           hidden: tuple[int, int] | None = None) -> None:
     """Per-layer head counts and widths (and the residual width ``hidden``, (old, new)) on the
     modules of a model built with ``config``, where they differ from its values."""
-    def first_int(*keys: str) -> int | None:
-        return next((v for v in (getattr(config, k, None) for k in keys) if isinstance(v, int)), None)
-
-    cfg_vals = {"q_heads": first_int("num_attention_heads", "n_head", "n_heads", "num_heads"),
-                "kv_heads": first_int("num_key_value_heads", "num_kv_heads"),
-                "mlp": first_int("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff")}
-    hidden_size = first_int("hidden_size", "n_embd", "d_model", "dim")
-    head_dim = first_int("head_dim") or (  # per-stage head lists (Swin) give none
+    cfg_vals = {k: _config_size(config, k) for k in ("q_heads", "kv_heads", "mlp")}
+    hidden_size = _config_size(config, "hidden")
+    head_dim = _config_size(config, "head_dim") or (  # per-stage head lists (Swin) give none
         hidden_size // cfg_vals["q_heads"] if hidden_size and cfg_vals["q_heads"] else None)
     for path, mod in model.named_modules():
         _fix_standard_module(mod)

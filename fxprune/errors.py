@@ -21,3 +21,10 @@ class PlanError(FxpruneError):
 
 class VerificationError(FxpruneError):
     """A produced artefact (pruned graph, ONNX file) does not match its reference."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type name when it has none: what a user error
+    built from a library's exception quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .capture import eval_if_supported
-from .errors import FxpruneError, ModelLoadError
+from .errors import FxpruneError, ModelLoadError, first_line
 
 # name -> (module, file or dir inside it, distribution to pip install, description)
 BUILTIN: dict[str, tuple[str, str, str, str]] = {
@@ -103,8 +103,7 @@ def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message; of its cause for the hub's validation wrappers."""
     if "Validation" in type(exc).__name__ and exc.__cause__ is not None:
         exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _weights_file(path: Path) -> Path:

@@ -40,8 +40,9 @@ def tiny(name: str) -> torch.nn.Module:
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                              num_attention_heads=4, num_kv_heads=2,
                                                              new_decoder_architecture=True)),
+        # rotary on part of each head: stack, repeat_interleave
         "gptj": lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
-                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),  # stack, repeat_interleave
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),
         "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
         "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
                                                     num_attention_heads=4, word_embed_proj_dim=32,
@@ -66,8 +67,8 @@ def tiny(name: str) -> torch.nn.Module:
     return configs[name]().eval()
 
 
-ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt", "distilbert",
-         "t5_encoder", "mobilebert", "resnet", "whisper", "vit"]
+ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt",
+         "distilbert", "t5_encoder", "mobilebert", "resnet", "whisper", "vit"]
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

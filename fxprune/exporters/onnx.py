@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import Program, call_extras, capture_as_called, in_eval_mode, main_outputs, no_node_tracebacks
-from ..errors import FxpruneError, VerificationError
+from ..errors import FxpruneError, VerificationError, first_line
 
 # Weights above this many bytes go to ``<name>.data`` beside the model: protobuf caps a single
 # file at 2 GiB, and the graph itself needs some of that room.
@@ -634,8 +634,7 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))  # path form: works with external data and > 2 GB
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"onnx.checker rejected the exported model: {first}") from exc
+        raise VerificationError(f"onnx.checker rejected the exported model: {first_line(exc)}") from exc
 
 
 def fresh_inputs(program: Program, batch: int | None = None, seq: int | None = None,
@@ -747,12 +746,11 @@ def _verify(path: Path, program: Program, in_names: list[str], out_names: list[s
                 if isinstance(t, torch.Tensor) and n in graph_inputs}
         got = sess.run(None, feed)
     except Exception as exc:  # ORT's pybind errors (Fail, InvalidGraph, ...) share no useful base
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
         if any(p.dtype == torch.bfloat16 for p in program.model.parameters()):
             hint = ("; onnxruntime's CPU provider has few bfloat16 kernels: export a float32 or float16 copy "
                     "(model.float()), or pass verify=False to write the file unchecked for a runtime that has them")
-        raise VerificationError(f"onnxruntime could not run the exported model: {first}{hint}") from exc
+        raise VerificationError(f"onnxruntime could not run the exported model: {first_line(exc)}{hint}") from exc
     shapes = {n: list(t.shape) for n, t in zip(in_names, flat) if isinstance(t, torch.Tensor)}
     want = reference_outputs(program, flat)
     if len(got) != len(want):

@@ -88,6 +88,12 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, int(math.ceil(n / multiple)) * multiple) if multiple > 1 else n
 
 
+def _rounded(n: int, g: Group, sel: Selection) -> int:
+    """``n`` kept units of ``g`` rounded up to ``round_to`` and the group's own ``align``; GQA query
+    heads (counted per kv group) as they are."""
+    return n if g.block else _round_up(n, math.lcm(sel.round_to, g.align), g.units)
+
+
 def _best_first(g: Group, scores: np.ndarray) -> list[np.ndarray]:
     """``g``'s units best first: one order per kv group for GQA query heads, else one order. Sorted
     once per selection: the bisection over the removal fraction builds ~40 plans from them."""
@@ -128,7 +134,7 @@ def _plan_local(groups: list[Group], orders: dict[str, list[np.ndarray]], frac: 
     for g in groups:
         f = min(1.0, frac * weights[g.id])
         n = max(1, int(round(g.units * (1.0 - f))))
-        n = _round_up(n, math.lcm(sel.round_to, g.align), g.units) if not g.block else n
+        n = _rounded(n, g, sel)
         keep[g.id] = _keep_top(g, orders[g.id], n)
     return Plan(keep)
 
@@ -140,7 +146,7 @@ def _plan_global(groups: list[Group], norm: dict[str, np.ndarray], orders: dict[
         s = norm[g.id]
         n = int((s >= t).sum())
         floor = max(1, int(math.ceil(g.units * (1.0 - sel.max_group_ratio))))
-        n = _round_up(max(n, floor), math.lcm(sel.round_to, g.align), g.units) if not g.block else max(n, floor)
+        n = _rounded(max(n, floor), g, sel)
         keep[g.id] = _keep_top(g, orders[g.id], n)
     return Plan(keep)
 
