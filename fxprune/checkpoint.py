@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FxpruneError, ModelLoadError
-from .passes.rewrite import ATTRIBUTES, CONFIG_KEYS, _fix_standard_module
+from .passes.rewrite import CONFIG_KEYS, _fix_standard_module, pin_head_dim, set_count_attributes
 from .depgraph import layer_of
 from .plan import Plan
 
@@ -316,6 +316,8 @@ def _adopt_config(shared: Any, pruned: Any) -> None:
     for key in CONFIG_KEYS:
         if hasattr(shared, key) and hasattr(pruned, key):
             setattr(shared, key, getattr(pruned, key))
+    # the head width the rewrite wrote down where the config had none (rewrite.pin_head_dim)
+    pin_head_dim(shared, {"q_heads": (0, 1)}, getattr(pruned, "head_dim", None))
 
 
 def _hf_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -358,15 +360,15 @@ def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[
         if "q_heads" in counts and "kv_heads" in counts and counts["kv_heads"][1]:
             counts["kv_groups"] = (counts["q_heads"][0] // counts["kv_heads"][0],
                                    counts["q_heads"][1] // counts["kv_heads"][1])
+        elif "q_heads" in counts:  # one shared kv head (multi-query): every query head is a group member
+            counts["kv_groups"] = counts["q_heads"]
         if "q_heads" in counts and head_dim:
             counts["q_width"] = (counts["q_heads"][0] * head_dim, counts["q_heads"][1] * head_dim)
-        for attr, key in ATTRIBUTES.items():
-            val = getattr(mod, attr, None)
-            if key in counts and isinstance(val, int) and val == counts[key][0]:
-                setattr(mod, attr, counts[key][1])
+        set_count_attributes(mod, counts)
         if getattr(mod, "config", None) is not None and layer is not None and path.count(".") > 0:
             private = copy.copy(mod.config)
             for ck, key in CONFIG_KEYS.items():
                 if key in counts and getattr(private, ck, None) == counts[key][0]:
                     setattr(private, ck, counts[key][1])
+            pin_head_dim(private, counts, head_dim)
             mod.config = private

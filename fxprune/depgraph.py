@@ -125,6 +125,13 @@ def layer_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _head_dim(members: list[Member], units: int) -> int:
+    """Channels of one unit in its narrowest projection (q for GQA heads). A one-per-head member
+    (MPNet's relative position bias, an embedding with a column per head) is not a projection."""
+    widths = [int((m.unit_of >= 0).sum()) // units for m in members if not m.is_buffer]
+    return min([w for w in widths if w > 1] or widths or [0])
+
+
 def _owner(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
@@ -161,8 +168,10 @@ def dependency_graph(program: Program) -> DependencyGraph:
                 solver.pin(v, reason)
         elif node.op == "call_function":
             rule_for(node)(ctx, node)
-            if not node.users and isinstance(node.meta.get("val"), torch.Tensor):
-                # computed but not returned (BERT's pooler when last_hidden_state is the output)
+            val = node.meta.get("val")
+            if not node.users and isinstance(val, torch.Tensor) and val.is_floating_point():
+                # computed but not returned (BERT's pooler when last_hidden_state is the output);
+                # unused indices (max along a dim) carry no channel values
                 for v in _flat(ctx.dims.get(node)):
                     solver.pin(v, "result not part of the captured outputs")
             for a in node.all_input_nodes:
@@ -311,7 +320,7 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
             gid, kind, layer, units, unit_size, built, spec, prunable=not reason, reason=reason,
             block=block, inexact=bool(inexact_atoms & set(spec)),
             align=max([align_of.get(a, 1) for a in spec] + [1]),
-            head_dim=min(int((m.unit_of >= 0).sum()) // units for m in built if not m.is_buffer),
+            head_dim=_head_dim(built, units),
         ))
     order = {k: i for i, k in enumerate(KINDS)}
     groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, order[g.kind], g.id))

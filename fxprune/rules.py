@@ -217,15 +217,15 @@ def reduction(ctx: Ctx, node: fx.Node) -> None:
     else:
         reduced = {_norm_dim(int(d), rank) for d in dims_arg}
     keepdim = bool(node.args[keep_pos]) if len(node.args) > keep_pos else bool(node.kwargs.get("keepdim", False))
-    j = 0
-    for i in range(rank):
-        if i in reduced:
-            if keepdim:
-                j += 1
-            ctx.inexact.add(f"{xd[i]}")
-            continue
-        ctx.unify(xd[i], out[j], node)
-        j += 1
+    for i in reduced:
+        ctx.inexact.add(f"{xd[i]}")
+    # max.dim / var_mean give a tuple of same-shaped results (values and indices)
+    for o in (out if out and isinstance(out[0], list) else [out]):
+        j = 0
+        for i in range(rank):
+            if i not in reduced:
+                ctx.unify(xd[i], o[j], node)
+            j += i not in reduced or keepdim
 
 
 def linear(ctx: Ctx, node: fx.Node) -> None:
@@ -750,7 +750,19 @@ bitwise_not bitwise_xor __and__ __or__ __xor__ __invert__ to _to_copy type_as cl
 detach alias lift_fresh_copy dropout native_dropout feature_dropout alpha_dropout
 zeros_like ones_like full_like empty_like rand_like randn_like fill copy square
 isnan isinf nan_to_num lerp addcmul addcdiv floor ceil round trunc frac triu tril
+expm1 sinh cosh asinh acosh atanh asin acos atan atan2 arctan2 fmod fmax fmin hypot logaddexp xlogy
+float_power logit erfinv sgn signbit log_sigmoid
 """.split()
+
+
+def min_max(ctx: Ctx, node: fx.Node) -> None:
+    """``min`` / ``max`` of two tensors is elementwise (Apertus's xIELU clamps with it); over all
+    elements or along a dim (values and indices: GPT-OSS's attention sinks) it is a reduction."""
+    if getattr(node.target, "_overloadname", "") == "other" or (
+            len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args)):
+        elementwise(ctx, node)
+    else:
+        reduction(ctx, node)
 
 RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
     **{name: elementwise for name in ELEMENTWISE},
@@ -762,6 +774,7 @@ RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
                                  "sym_not", "sym_float", "sym_int", "sym_max", "sym_min", "sym_sum")},
     **{name: reduction for name in ("mean", "sum", "amax", "amin", "var", "std", "var_mean", "norm",
                                     "linalg_vector_norm", "prod", "logsumexp")},
+    "min": min_max, "max": min_max,
     "linear": linear,
     "matmul": matmul, "mm": matmul, "bmm": matmul,
     "addmm": addmm, "baddbmm": addmm,

@@ -2,8 +2,8 @@
 
 For each: removing whole MLP channels / heads / kv groups equals zero-masking them (where the
 dependency graph calls the group exact), a 20% prune runs and its graph agrees with its module,
-and the pruned model exports to ONNX that onnxruntime runs like torch. test_rewrite.py covers
-Llama, BERT, GPT-2, Qwen3 and Phi-3 the same way.
+the pruned model exports to ONNX that onnxruntime runs like torch, and it saves and reloads as its
+own class. test_rewrite.py covers Llama, BERT, GPT-2, Qwen3 and Phi-3 the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +61,18 @@ def tiny(name: str) -> torch.nn.Module:
             vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
             max_source_positions=16)),  # (batch, mel bins, frames): only the batch may change
+        # a config without head_dim: Phi-3's rotary embedding derives it from the head count each forward
+        "phimoe": lambda: T.PhimoeForCausalLM(T.PhimoeConfig(**c, **gqa, num_local_experts=4, num_experts_per_tok=2)),
+        # multi-query attention split at ``embed_dim``, which there is the query width
+        "gpt_bigcode": lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                                          n_positions=64, multi_query=True)),
+        # one relative position bias shared by every layer: all layers' heads are one group
+        "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**c, num_attention_heads=4, max_position_embeddings=64)),
+        # xIELU activation (min of two tensors, expm1)
+        "apertus": lambda: T.ApertusForCausalLM(T.ApertusConfig(**c, **gqa, pad_token_id=0)),
+        # attention sinks (a learned logit per head, max over the keys); experts pinned (index ops)
+        "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(**c, **gqa, head_dim=8, num_local_experts=4,
+                                                              num_experts_per_tok=2, pad_token_id=0)),
         "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=16, patch_size=4, num_channels=3)),
     }
@@ -68,7 +80,8 @@ def tiny(name: str) -> torch.nn.Module:
 
 
 ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt",
-         "distilbert", "t5_encoder", "mobilebert", "resnet", "whisper", "vit"]
+         "distilbert", "t5_encoder", "mobilebert", "resnet", "whisper", "vit", "phimoe", "gpt_bigcode", "mpnet",
+         "apertus"]
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -136,6 +149,7 @@ def test_prune_and_export_onnx(arch, tmp_path):
     model = tiny(arch)
     res = fxprune.prune(model, inputs(arch), ratio=0.2, targets=("heads", "kv_heads", "mlp"))
     assert res.report["removed_fraction"] >= 0.2 - 1e-9
+    assert type(res.model) is type(model), res.report["notes"]  # the eager module runs, not only the graph
     x = inputs(arch, 3, 13, seed=3)
     assert (run_model(res.model, x) - run_model(res.graph_module, x)).abs().max() < 1e-5
     rep = fxprune.export_onnx(res, tmp_path / f"{arch}.onnx")
@@ -153,9 +167,30 @@ def test_save_and_reload(arch, tmp_path):
     res = fxprune.prune(model, inputs(arch), ratio=0.25, targets=("heads", "kv_heads", "mlp"))
     fxprune.save(res, tmp_path / arch)
     back, _ = fxprune.load_model(str(tmp_path / arch))
+    assert type(back) is type(model)
     x = inputs(arch, 3, 9, seed=5)
     assert torch.equal(run_model(back, x), run_model(res.model, x))
     assert sum(p.numel() for p in back.parameters()) == res.report["params_after"]
+
+
+def test_attention_sinks_prune_with_their_heads(tmp_path):
+    """GPT-OSS: each head's sink logit goes with the head; the max over the keys that stabilises the
+    softmax is a reduction, not an unknown op, and its unused indices pin nothing."""
+    model = tiny("gpt_oss")
+    program = fxprune.capture(model, inputs("gpt_oss"))
+    dg = fxprune.dependency_graph(program)
+    heads = [g for g in dg.groups if g.kind == "heads"]
+    assert heads and all(g.prunable and not g.inexact for g in heads)
+    assert all(any(m.param.endswith("self_attn.sinks") for m in g.members) for g in heads)
+    plan = exact_plan(dg)
+    x = inputs("gpt_oss", 3, 11, seed=2)
+    ref = run_model(masked_copy(program, dg, plan), x)
+    assert (run_model(apply_plan(program, dg, plan).model, x) - ref).abs().max() < 1e-5
+    res = fxprune.prune(model, inputs("gpt_oss"), ratio=0.05, targets=("heads", "kv_heads"))
+    assert type(res.model) is type(model) and res.model.model.layers[0].self_attn.sinks.numel() < 4
+    fxprune.save(res, tmp_path / "m")
+    assert torch.equal(run_model(fxprune.load_model(str(tmp_path / "m"))[0], x), run_model(res.model, x))
+    assert fxprune.export_onnx(res, tmp_path / "m.onnx")["max_abs_diff"] <= 1e-4
 
 
 def test_pinned_heads_leave_the_config_alone():

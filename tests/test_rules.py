@@ -474,3 +474,53 @@ def test_pooling_over_channels_pins_them():
     dg = groups_of(PoolOverChannels(), torch.randn(2, 3, 4))
     g = find(dg, "a.weight", 0)
     assert not g.prunable and "pooled dim" in g.reason
+
+
+class MinMax(nn.Module):
+    """xIELU-style activation: an elementwise min with a tensor, expm1; then a reduction max."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, reduce: bool = False):
+        h = self.a(x)
+        h = torch.where(h > 0, h, torch.expm1(torch.min(h, torch.zeros_like(h))))
+        if reduce:
+            h = h - torch.max(h, dim=-1, keepdim=True).values  # a reduction over the channels
+        return self.b(torch.maximum(h, -torch.ones_like(h)))
+
+
+def test_min_of_two_tensors_and_expm1_are_elementwise():
+    dg = groups_of(MinMax(), torch.randn(2, 4))
+    g = find(dg, "a.weight", 0)
+    assert g.prunable and ("b.weight", 1) in members(g)
+    assert not dg.unknown_ops
+
+
+def test_max_over_a_dim_is_a_reduction():
+    dg = groups_of(MinMax(), torch.randn(2, 4), True)
+    g = find(dg, "a.weight", 0)
+    assert g.prunable and g.inexact and not dg.unknown_ops  # max over the channels: values change
+    heads = find(groups_of(SinkHeads(), torch.randn(2, 5, 8)), "o.weight", 1)
+    assert heads.prunable and not heads.inexact  # max over the keys (attention sinks) only
+
+
+class SinkHeads(nn.Module):
+    """Attention with a learned sink logit per head, stabilised by a max over the keys (GPT-OSS)."""
+
+    def __init__(self, d=8, h=2):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.sinks = nn.Parameter(torch.randn(h))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (p(x).view(b, s, self.h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        logits = q @ k.transpose(-1, -2)
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, 1)
+        both = torch.cat([logits, sinks], dim=-1)
+        both = both - both.max(dim=-1, keepdim=True).values
+        probs = both.softmax(-1)[..., :-1]
+        return self.o((probs @ v).transpose(1, 2).reshape(b, s, d))

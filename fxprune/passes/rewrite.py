@@ -140,9 +140,44 @@ ATTRIBUTES: dict[str, str] = {
     "intermediate_size": "mlp", "ffn_dim": "mlp",
     "hidden_size": "hidden", "embed_dim": "hidden", "n_embd": "hidden", "d_model": "hidden", "dim": "hidden",
 }
+# where a class gives one of those names another meaning: GPT-BigCode's multi-query attention
+# splits its fused projection at ``embed_dim``, the query width (not the residual width)
+CLASS_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "GPTBigCodeAttention": {"embed_dim": "q_width"},
+}
 CONFIG_KEYS = {"num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
                "intermediate_size": "mlp", "hidden_size": "hidden", "n_head": "q_heads",
                "n_embd": "hidden", "n_inner": "mlp", "dim": "hidden", "hidden_dim": "mlp"}
+
+
+def set_count_attributes(mod: nn.Module, counts: dict[str, tuple[int, int]]) -> None:
+    """Rewrite ``mod``'s count attributes (:data:`ATTRIBUTES`, with its class's overrides) that
+    hold an old count of ``counts`` (key -> (old, new)) to the new count."""
+    for attr, key in {**ATTRIBUTES, **CLASS_ATTRIBUTES.get(type(mod).__name__, {})}.items():
+        val = getattr(mod, attr, None)
+        if key in counts and isinstance(val, int) and not isinstance(val, bool) and val == counts[key][0]:
+            setattr(mod, attr, counts[key][1])
+
+
+def pin_head_dim(cfg: Any, counts: dict[str, tuple[int, int]], head_dim: int | None) -> None:
+    """Write ``head_dim`` into ``cfg`` when its head count changes and it does not say it: code that
+    derives ``hidden_size // num_attention_heads`` (Phi-3's rotary embedding, at every forward)
+    would otherwise get a wider head from the pruned count."""
+    q = counts.get("q_heads")
+    if not head_dim or q is None or q[0] == q[1] or getattr(cfg, "head_dim", None):
+        return
+    try:
+        cfg.head_dim = head_dim
+    except AttributeError:  # a config whose head_dim is a read-only property derives it itself
+        pass
+
+
+def layers_touched(g: Group) -> set[int | None]:
+    """The layers whose modules read ``g``'s counts: its own, or for a heads / MLP group that spans
+    layers (MPNet's relative position bias, shared by every layer, ties all heads) each member's."""
+    if g.layer is not None or g.kind not in ("heads", "kv_heads", "mlp"):
+        return {g.layer}
+    return {layer_of(m.module) for m in g.members} - {None} or {None}
 
 
 def _counts(masks: KeepMasks, groups: list[Group]) -> dict[str, tuple[int, int]]:
@@ -163,6 +198,10 @@ def _counts(masks: KeepMasks, groups: list[Group]) -> dict[str, tuple[int, int]]
         blocks = gqa.units // gqa.block
         kv_new = out.get("kv_heads", (blocks, blocks))[1]
         out["q_heads"] = (gqa.units, kv_new * out["kv_groups"][1])
+    elif "q_heads" in out and "kv_heads" not in out:
+        # no kv groups in the graph: either kv heads = query heads (the module's num_key_value_groups
+        # is 1 and stays) or one shared kv head (multi-query: it equals the query head count)
+        out["kv_groups"] = out["q_heads"]
     return out
 
 
@@ -177,7 +216,8 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
     notes: list[str] = []
     by_layer: dict[int | None, list[Group]] = {}
     for g in dg.groups:
-        by_layer.setdefault(g.layer, []).append(g)
+        for layer in layers_touched(g):
+            by_layer.setdefault(layer, []).append(g)
     hidden = _counts(masks, [g for g in dg.groups if g.kind == "hidden" and g.prunable])
     head_dims: dict[int | None, int] = {}
     for layer, groups in by_layer.items():
@@ -195,10 +235,7 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
         if "q_heads" in counts and head_dims.get(layer):
             hd = head_dims[layer]
             counts["q_width"] = (counts["q_heads"][0] * hd, counts["q_heads"][1] * hd)
-        for attr, key in ATTRIBUTES.items():
-            val = getattr(mod, attr, None)
-            if key in counts and isinstance(val, int) and not isinstance(val, bool) and val == counts[key][0]:
-                setattr(mod, attr, counts[key][1])
+        set_count_attributes(mod, counts)
         if layer is not None:
             entry = per_layer.setdefault(layer, {})
             for key in ("q_heads", "kv_heads", "mlp"):
@@ -211,6 +248,7 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
             # modules that read shapes from the (shared) config get a private copy with their values
             private = copy.copy(cfg)
             _apply_config(private, counts)
+            pin_head_dim(private, counts, head_dims.get(layer))
             mod.config = private
     cfg = getattr(model, "config", None)
     if cfg is not None:
@@ -230,6 +268,7 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
             if old is not None:
                 counts[key] = (old, val)
         _apply_config(cfg, counts)
+        pin_head_dim(cfg, counts, next(iter(head_dims.values()), None))
     model.fxprune_layers = per_layer  # read by the checkpoint exporter
     return notes
 
