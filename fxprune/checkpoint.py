@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ from .depgraph import layer_of
 from .plan import Plan
 
 MANIFEST = "fxprune.json"
+# tensors the model class leaves out of save_pretrained (Marian's sinusoidal position table, which
+# transformers recomputes at full width on load: a pruned residual width would not match it)
+UNSAVED = "fxprune_unsaved.safetensors"
 FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
@@ -102,12 +106,15 @@ def _write(result: Any, out: Path, extra: dict) -> None:
         "format": "fxprune", "version": FORMAT_VERSION,
         "shapes": {n: list(p.shape) for n, p in model.state_dict().items()},
         "layers": {str(k): v for k, v in getattr(model, "fxprune_layers", {}).items()},
+        # module path -> the count attributes / private config values the rewrite changed
+        "attributes": getattr(model, "fxprune_attributes", {}),
         "plan": result.plan.to_json(),
         "report": {k: result.report.get(k) for k in ("params_before", "params_after", "removed_fraction")},
         **extra,
     }
     if hasattr(model, "save_pretrained") and not isinstance(model, fx.GraphModule):
         _save_pretrained(model, out)
+        _save_unsaved(model, out)
         manifest["kind"] = "hf"
         manifest["class"] = type(model).__name__
         base = getattr(result, "base_model", None)
@@ -149,6 +156,17 @@ def _save_pretrained(model: nn.Module, out: Path) -> None:
                            f"(heads, hidden) out of --targets") from exc
 
 
+def _save_unsaved(model: nn.Module, out: Path) -> None:
+    """The tensors ``save_pretrained`` skips (``_keys_to_ignore_on_save``), beside it in :data:`UNSAVED`."""
+    patterns = getattr(model, "_keys_to_ignore_on_save", None) or []
+    skipped = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+               if any(re.search(p, k) for p in patterns)}
+    if skipped:
+        from safetensors.torch import save_file
+
+        save_file(skipped, str(out / UNSAVED))
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
@@ -177,6 +195,8 @@ def load(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelLoadError(f"{weights} is corrupt or unreadable: {exc}") from exc
+    if (d / UNSAVED).is_file():
+        state.update(load_file(str(d / UNSAVED)))
     if manifest.get("kind") == "module":
         try:
             ep = torch.export.load(str(d / "model.pt2"))
@@ -246,7 +266,10 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
                 setattr(owner, leaf, nn.Parameter(new, requires_grad=cur.requires_grad))
             else:
                 owner.register_buffer(leaf, new)
-    if base is not None:
+    if base is not None and "attributes" in manifest:
+        _adopt_config(model.config, config)
+        _replay_attributes(model, manifest["attributes"])
+    elif base is not None:  # manifests written before "attributes": per-layer counts
         _set_layer_attributes(model, base, manifest.get("layers", {}), hidden=_hidden_counts(base, config))
         _adopt_config(model.config, config)
     else:  # manifests written before base_config: the pruned config builds the model
@@ -338,6 +361,25 @@ def _hf_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tor
         log.debug("no checkpoint renaming: %s: %s", type(exc).__name__, exc)
         return state
     return renamed if len(renamed) == len(state) else state
+
+
+def _replay_attributes(model: nn.Module, record: dict[str, dict[str, dict[str, int]]]) -> None:
+    """The rewrite's attribute and private-config changes (``model.fxprune_attributes`` as saved), on a
+    model built unpruned whose shared config already holds the pruned sizes."""
+    for _, mod in model.named_modules():
+        _fix_standard_module(mod)
+    for path, change in record.items():
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            raise ModelLoadError(f"the manifest names module {path}, which {type(model).__name__} does not have") from None
+        for attr, value in change.get("attributes", {}).items():
+            setattr(mod, attr, value)
+        if change.get("config") and getattr(mod, "config", None) is not None:
+            private = copy.copy(mod.config)
+            for key, value in change["config"].items():
+                setattr(private, key, value)
+            mod.config = private
 
 
 def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[str, int]],

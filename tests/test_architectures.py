@@ -73,6 +73,17 @@ def tiny(name: str) -> torch.nn.Module:
         # attention sinks (a learned logit per head, max over the keys); experts pinned (index ops)
         "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(**c, **gqa, head_dim=8, num_local_experts=4,
                                                               num_experts_per_tok=2, pad_token_id=0)),
+        # encoder-decoder: self- and cross-attention in one decoder layer, relative bias shared by layers
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8, num_layers=2,
+                                                               num_heads=4, decoder_start_token_id=0)),
+        # sinusoidal position tables that save_pretrained leaves out
+        "marian": lambda: T.MarianMTModel(T.MarianConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                         encoder_attention_heads=4, decoder_attention_heads=4,
+                                                         encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                                                         pad_token_id=1, decoder_start_token_id=1)),
+        # attention-pooling head: nn.MultiheadAttention splits its packed in_proj parameter
+        "siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                                   num_attention_heads=4, image_size=16, patch_size=4)),
         "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=16, patch_size=4, num_channels=3)),
     }
@@ -81,15 +92,18 @@ def tiny(name: str) -> torch.nn.Module:
 
 ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt",
          "distilbert", "t5_encoder", "mobilebert", "resnet", "whisper", "vit", "phimoe", "gpt_bigcode", "mpnet",
-         "apertus"]
+         "apertus", "t5", "marian", "siglip"]
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if name == "whisper":
         return {"input_features": torch.randn(batch, 8, 32, generator=g)}
-    if name in ("vit", "resnet"):
-        side = 16 if name == "vit" else 32
+    if name in ("t5", "marian"):
+        ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+        return {"input_ids": ids, "decoder_input_ids": ids[:, : max(1, seq - 2)].flip(1)}
+    if name in ("vit", "resnet", "siglip"):
+        side = 32 if name == "resnet" else 16
         return {"pixel_values": torch.randn(batch, 3, side, side, generator=g)}
     return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
 
@@ -191,6 +205,27 @@ def test_attention_sinks_prune_with_their_heads(tmp_path):
     fxprune.save(res, tmp_path / "m")
     assert torch.equal(run_model(fxprune.load_model(str(tmp_path / "m"))[0], x), run_model(res.model, x))
     assert fxprune.export_onnx(res, tmp_path / "m.onnx")["max_abs_diff"] <= 1e-4
+
+
+def test_self_and_cross_attention_keep_their_own_head_counts(tmp_path):
+    """T5's attention modules read n_heads: in one decoder layer the self-attention, the
+    cross-attention and the encoder layer of the same index may keep different numbers of heads."""
+    model = tiny("t5")
+    program = fxprune.capture(model, inputs("t5"))
+    dg = fxprune.dependency_graph(program)
+    heads = [g for g in dg.prunable if g.kind == "heads" and not g.inexact]
+    mlp = [g for g in dg.prunable if g.kind == "mlp"]
+    assert len(heads) >= 2 and mlp
+    plan = Plan({**{g.id: list(range(g.units - 1 - i)) for i, g in enumerate(heads)},  # 3, 2: no broadcasting
+                 **{g.id: list(range(8 + 4 * i)) for i, g in enumerate(mlp)}})
+    x = inputs("t5", 3, 9, seed=4)
+    ref = run_model(masked_copy(program, dg, plan), x)
+    assert (run_model(apply_plan(program, dg, plan).model, x) - ref).abs().max() < 1e-5
+    res = fxprune.prune(model, inputs("t5"), plan=plan)
+    assert type(res.model) is type(model)
+    fxprune.save(res, tmp_path / "t5")
+    back, _ = fxprune.load_model(str(tmp_path / "t5"))
+    assert torch.equal(run_model(back, x), run_model(res.model, x))
 
 
 def test_pinned_heads_leave_the_config_alone():

@@ -150,13 +150,17 @@ CONFIG_KEYS = {"num_attention_heads": "q_heads", "num_key_value_heads": "kv_head
                "n_embd": "hidden", "n_inner": "mlp", "dim": "hidden", "hidden_dim": "mlp"}
 
 
-def set_count_attributes(mod: nn.Module, counts: dict[str, tuple[int, int]]) -> None:
+def set_count_attributes(mod: nn.Module, counts: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Rewrite ``mod``'s count attributes (:data:`ATTRIBUTES`, with its class's overrides) that
-    hold an old count of ``counts`` (key -> (old, new)) to the new count."""
+    hold an old count of ``counts`` (key -> (old, new)) to the new count; returns what changed."""
+    changed = {}
     for attr, key in {**ATTRIBUTES, **CLASS_ATTRIBUTES.get(type(mod).__name__, {})}.items():
         val = getattr(mod, attr, None)
         if key in counts and isinstance(val, int) and not isinstance(val, bool) and val == counts[key][0]:
-            setattr(mod, attr, counts[key][1])
+            if counts[key][1] != val:
+                setattr(mod, attr, counts[key][1])
+                changed[attr] = counts[key][1]
+    return changed
 
 
 def pin_head_dim(cfg: Any, counts: dict[str, tuple[int, int]], head_dim: int | None) -> None:
@@ -213,43 +217,53 @@ def _kept(masks: KeepMasks, g: Group) -> int:
 
 
 def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, masks: KeepMasks) -> list[str]:
+    """Count attributes and configs in step with the sliced weights. Each module takes the counts of
+    the groups with a member inside it (a decoder layer's self- and cross-attention keep their own
+    head counts), else of every group of its layer. What changed is left in
+    ``model.fxprune_attributes`` (path -> {"attributes": {...}, "config": {...}}) for the checkpoint
+    to replay on reload."""
     notes: list[str] = []
     by_layer: dict[int | None, list[Group]] = {}
     for g in dg.groups:
         for layer in layers_touched(g):
             by_layer.setdefault(layer, []).append(g)
     hidden = _counts(masks, [g for g in dg.groups if g.kind == "hidden" and g.prunable])
-    head_dims: dict[int | None, int] = {}
-    for layer, groups in by_layer.items():
-        for g in groups:
-            if g.kind == "heads" and g.units:
-                head_dims[layer] = g.head_dim
     per_layer: dict[int, dict[str, int]] = {}
     changed: set[str] = set()  # the keys some layer's plan changes: only those reach the config
+    for layer, groups in by_layer.items():
+        if layer is None:
+            continue
+        entry = per_layer.setdefault(layer, {})
+        for key, (old, new) in _counts(masks, groups).items():
+            if key in ("q_heads", "kv_heads", "mlp"):
+                entry[key] = new
+                if old != new:
+                    changed.add(key)
+    record: dict[str, dict[str, dict[str, int]]] = {}
+    private_configs: list[tuple[str, Any]] = []
     for path, mod in model.named_modules():
         _fix_standard_module(mod)
         layer = layer_of(path)
         counts = dict(hidden)
+        head_dim = None
         if layer is not None:
-            counts.update(_counts(masks, by_layer.get(layer, [])))
-        if "q_heads" in counts and head_dims.get(layer):
-            hd = head_dims[layer]
-            counts["q_width"] = (counts["q_heads"][0] * hd, counts["q_heads"][1] * hd)
-        set_count_attributes(mod, counts)
-        if layer is not None:
-            entry = per_layer.setdefault(layer, {})
-            for key in ("q_heads", "kv_heads", "mlp"):
-                if key in counts:
-                    entry[key] = counts[key][1]
-                    if counts[key][0] != counts[key][1]:
-                        changed.add(key)
+            groups = by_layer.get(layer, [])
+            inside = [g for g in groups if _holds(path, g)] or groups
+            counts.update(_counts(masks, inside))
+            head_dim = next((g.head_dim for g in inside if g.kind == "heads" and g.units), None)
+        if "q_heads" in counts and head_dim:
+            counts["q_width"] = (counts["q_heads"][0] * head_dim, counts["q_heads"][1] * head_dim)
+        attrs = set_count_attributes(mod, counts)
+        if attrs:
+            record.setdefault(path, {})["attributes"] = attrs
         cfg = getattr(mod, "config", None)
         if cfg is not None and layer is not None and path.count(".") > 0:
             # modules that read shapes from the (shared) config get a private copy with their values
             private = copy.copy(cfg)
             _apply_config(private, counts)
-            pin_head_dim(private, counts, head_dims.get(layer))
+            pin_head_dim(private, counts, head_dim)
             mod.config = private
+            private_configs.append((path, private))
     cfg = getattr(model, "config", None)
     if cfg is not None:
         uniform = {}
@@ -268,9 +282,20 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
             if old is not None:
                 counts[key] = (old, val)
         _apply_config(cfg, counts)
-        pin_head_dim(cfg, counts, next(iter(head_dims.values()), None))
+        pin_head_dim(cfg, counts, next((g.head_dim for g in dg.groups if g.kind == "heads" and g.units), None))
+        for path, private in private_configs:  # where a private config differs from the model's
+            diff = {k: getattr(private, k, None) for k in (*CONFIG_KEYS, "head_dim")
+                    if getattr(private, k, None) != getattr(cfg, k, None)}
+            if diff:
+                record.setdefault(path, {})["config"] = diff
     model.fxprune_layers = per_layer  # read by the checkpoint exporter
+    model.fxprune_attributes = record
     return notes
+
+
+def _holds(path: str, g: Group) -> bool:
+    """Whether a member of ``g`` lives in the module at ``path`` or below it."""
+    return any(m.module == path or m.module.startswith(path + ".") for m in g.members)
 
 
 def _config_old(cfg: Any, key: str) -> int | None:
@@ -346,12 +371,12 @@ def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMas
             sizes = list(node.args[1])
             new = [_new_literal(masks, v, s) for v, s in zip(src[len(src) - len(sizes):], sizes)]
             node.args = (node.args[0], new, *node.args[2:])
-        elif name in ("split", "split_with_sizes") and isinstance(dims, list):
-            src = dg.node_dims.get(node.args[0].name)
+        elif name in ("split", "split_with_sizes") and isinstance(dims, list) and dims and dims[0]:
+            # the pieces' dims (the input may be a parameter, named otherwise in an unlifted graph)
             d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            d = d + len(src) if d < 0 else d
+            d = d + len(dims[0]) if d < 0 else d
             pieces = [masks.new_size(piece[d]) for piece in dims]
-            if masks.new_size(src[d]) != dg.solver.size_of(src[d]):
+            if pieces != [dg.solver.size_of(piece[d]) for piece in dims]:
                 node.target = torch.ops.aten.split_with_sizes.default
                 node.args = (node.args[0], pieces, d)
                 node.kwargs = {}
