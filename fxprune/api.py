@@ -62,8 +62,17 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int | None:
     if any(p.is_meta for p in model.parameters()):
         return None
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*args, **kwargs, **call_extras(model))
+    # no parameter requires grad while counting: the counter's module tracker hooks tensors that
+    # do, and fails on a view of a parameter made under no_grad (LFM2's and Jamba's conv layers)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad(), counter:
+            model(*args, **kwargs, **call_extras(model))
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return int(counter.get_total_flops() // 2)
 
 

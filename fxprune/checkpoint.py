@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FxpruneError, ModelLoadError
-from .passes.rewrite import CONFIG_KEYS, _fix_standard_module, pin_head_dim, set_count_attributes
+from .passes.rewrite import CONFIG_KEYS, _fix_standard_module, pin_head_dim, set_count_attributes, write_head_dim
 from .depgraph import layer_of
 from .plan import Plan
 
@@ -284,33 +284,45 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
             f"{d / 'model.safetensors'} does not match the manifest "
             f"(missing {still_meta[:3]}, unexpected {list(unexpected)[:3]})"
         )
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:  # non-persistent buffers (rotary inv_freq) are recomputed by the module
-            path, leaf = name.rsplit(".", 1)
-            owner = model.get_submodule(path)
-            fresh = _fresh_buffer(cls, arch, path, leaf)
-            if fresh is None:
-                raise ModelLoadError(f"cannot rebuild buffer {name}")
-            owner.register_buffer(leaf, fresh, persistent=False)
+    missing = [name for name, buf in model.named_buffers() if buf.is_meta]
+    fresh = _fresh_buffers(cls, arch, missing) if missing else {}
+    for name in missing:  # non-persistent buffers (rotary inv_freq) are recomputed by the module
+        if name not in fresh:
+            raise ModelLoadError(f"cannot rebuild buffer {name}")
+        path, leaf = name.rsplit(".", 1)
+        model.get_submodule(path).register_buffer(leaf, fresh[name], persistent=False)
     model.eval()
     return model
 
 
-def _fresh_buffer(cls: type, config: Any, path: str, leaf: str) -> torch.Tensor | None:
-    """Non-persistent buffers come from a CPU instance of the same module type."""
-    with torch.device("cpu"):
+def _fresh_buffers(cls: type, config: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers from a small CPU instance of the same class: one layer, or as many as
+    the deepest missing buffer's layer needs (a hybrid stack's first attention layer may be its
+    second: RecurrentGemma). A buffer is matched by its full name, else by owner and leaf name."""
+    found: dict[str, torch.Tensor] = {}
+    deepest = max((layer_of(n) or 0 for n in names), default=0)
+    for depth in sorted({1, deepest + 1}):
         ref_cfg = copy.deepcopy(config)
         for key in ("num_hidden_layers", "n_layer"):
             if hasattr(ref_cfg, key):
-                setattr(ref_cfg, key, 1)
+                setattr(ref_cfg, key, min(depth, getattr(ref_cfg, key)))
         try:
-            ref = cls(ref_cfg)
-        except Exception:  # a config that cannot shrink to one layer: give up cleanly
-            return None
-    for name, buf in ref.named_buffers():
-        if name.endswith(f"{path.split('.')[-1]}.{leaf}") and not buf.is_meta:
-            return buf
-    return None
+            with torch.device("cpu"):
+                ref = cls(ref_cfg)
+        except Exception:  # noqa: BLE001 -- a config that cannot shrink this way: the caller names the buffer
+            continue
+        bufs = {n: b for n, b in ref.named_buffers() if not b.is_meta}
+        for name in names:
+            if name in found:
+                continue
+            path, leaf = name.rsplit(".", 1)
+            tail = f"{path.split('.')[-1]}.{leaf}"
+            match = bufs.get(name) if name in bufs else next((b for n, b in bufs.items() if n.endswith(tail)), None)
+            if match is not None:
+                found[name] = match
+        if len(found) == len(names):
+            break
+    return found
 
 
 # the config keys that hold each size, in the order families use them
@@ -339,8 +351,7 @@ def _adopt_config(shared: Any, pruned: Any) -> None:
     for key in CONFIG_KEYS:
         if hasattr(shared, key) and hasattr(pruned, key):
             setattr(shared, key, getattr(pruned, key))
-    # the head width the rewrite wrote down where the config had none (rewrite.pin_head_dim)
-    pin_head_dim(shared, {"q_heads": (0, 1)}, getattr(pruned, "head_dim", None))
+    write_head_dim(shared, getattr(pruned, "head_dim", None))  # where the rewrite wrote one down
 
 
 def _hf_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

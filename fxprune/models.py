@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -80,6 +81,19 @@ def is_causal_lm(model: nn.Module) -> bool:
         return False
     name = type(model).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def _model_class(cfg: dict[str, Any]) -> Any:
+    """The class a config.json names in ``architectures`` (a fine-tuned classifier keeps its head, a
+    seq2seq model its LM head), else the auto class: causal LM or base model."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+    for name in cfg.get("architectures") or []:
+        cls = getattr(transformers, str(name), None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return AutoModelForCausalLM if _is_causal_config(cfg) else AutoModel
 
 
 def _is_causal_config(cfg: dict[str, Any]) -> bool:
@@ -157,7 +171,7 @@ def _load_saved(path: Path) -> tuple[nn.Module, Any] | None:
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -170,9 +184,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelLoadError(f"{cfg_file} is unreadable ({_first_line(exc)}); replace it with the model's JSON config") from exc
-    auto = AutoModelForCausalLM if _is_causal_config(cfg) else AutoModel
     try:
-        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = _model_class(cfg).from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers/safetensors raise many types for unreadable files
         raise ModelLoadError(f"cannot load {_weights_file(path)} ({_first_line(exc)}); the weights are corrupt or "
                              f"incomplete: copy or download them again") from exc
@@ -302,10 +315,13 @@ def example_inputs(model: nn.Module, tokenizer: Any = None, batch: int = 2, seql
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs for capturing ``model`` with torch.export, on the model's device (meta included).
 
-    Text models get ``{"input_ids": (batch, seqlen)}`` of seeded random ids below ``vocab_size``;
-    vision models (``image_size`` in the config) get ``{"pixel_values": (batch, C, H, W)}``.
-    ``tokenizer`` is accepted for symmetry with :func:`load_model` and not needed. A module
-    without an HF config raises :class:`FxpruneError`: pass its example inputs explicitly.
+    What the model's ``forward`` takes decides: ``input_ids`` get ``(batch, seqlen)`` seeded random
+    ids below ``vocab_size``; ``pixel_values`` ``(batch, C, H, W)`` from ``image_size``; speech
+    models their ``input_features`` (``(batch, num_mel_bins, 2 x max_source_positions)``: Whisper's
+    encoder takes only that many frames) or ``input_values`` (one second at 16 kHz); an
+    encoder-decoder adds ``decoder_input_ids`` (``(batch, seqlen // 2)``). ``tokenizer`` is
+    accepted for symmetry with :func:`load_model` and not needed. A module without an HF config
+    raises :class:`FxpruneError`: pass its example inputs explicitly.
     """
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -316,19 +332,40 @@ def example_inputs(model: nn.Module, tokenizer: Any = None, batch: int = 2, seql
     float_dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     g = torch.Generator().manual_seed(seed)
+    takes = _forward_params(model)
     vocab = getattr(cfg, "vocab_size", None) or getattr(text_cfg, "vocab_size", None)
-    if vocab:
-        ids = torch.randint(0, int(vocab), (batch, seqlen), generator=g)
-        return {"input_ids": ids.to(device)}
-    vision_cfg = getattr(cfg, "vision_config", None) or cfg
-    size = getattr(vision_cfg, "image_size", None)
-    if size:
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(0, int(vocab), (batch, n), generator=g).to(device)
+
+    out: dict[str, torch.Tensor] = {}
+    if "input_features" in takes and getattr(cfg, "num_mel_bins", None):
+        frames = 2 * int(getattr(cfg, "max_source_positions", 1500))
+        out["input_features"] = torch.randn(batch, cfg.num_mel_bins, frames, generator=g).to(device, float_dtype)
+    elif "input_values" in takes and "input_ids" not in takes:
+        out["input_values"] = torch.randn(batch, 16000, generator=g).to(device, float_dtype)
+    elif vocab and ("input_ids" in takes or not takes):
+        out["input_ids"] = ids(seqlen)
+    else:
+        vision_cfg = getattr(cfg, "vision_config", None) or cfg
+        size = getattr(vision_cfg, "image_size", None)
+        if not size:
+            raise FxpruneError(f"cannot make example inputs for {type(model).__name__} (its config has neither "
+                               f"vocab_size nor image_size): pass them explicitly")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         chans = getattr(vision_cfg, "num_channels", 3)
-        pixels = torch.randn(batch, chans, h, w, generator=g)
-        return {"pixel_values": pixels.to(device=device, dtype=float_dtype)}
-    raise FxpruneError(f"cannot make example inputs for {type(model).__name__} (its config has neither "
-                       f"vocab_size nor image_size): pass them explicitly")
+        out["pixel_values"] = torch.randn(batch, chans, h, w, generator=g).to(device=device, dtype=float_dtype)
+    if "decoder_input_ids" in takes and getattr(cfg, "is_encoder_decoder", False) and vocab:
+        out["decoder_input_ids"] = ids(max(2, seqlen // 2))
+    return out
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    """The parameter names of ``model.forward`` (empty when its signature cannot be read)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def model_from_config(path_or_dict: str | os.PathLike | dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
@@ -337,7 +374,7 @@ def model_from_config(path_or_dict: str | os.PathLike | dict[str, Any], device: 
     Built on ``device`` (the meta device by default: no memory), for planning prunes of 7B/70B
     models. Causal LMs (by ``architectures``, else by model type) get their LM head.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if isinstance(path_or_dict, dict):
         cfg = dict(path_or_dict)
@@ -364,10 +401,10 @@ def model_from_config(path_or_dict: str | os.PathLike | dict[str, Any], device: 
         raise ModelLoadError(f"invalid {model_type} config: {_first_line(exc)}") from exc
     if cfg.get("architectures"):
         config.architectures = list(cfg["architectures"])
-    auto = AutoModelForCausalLM if _is_causal_config(cfg) else AutoModel
+    cls = _model_class(cfg)
     try:
         with torch.device(device):
-            model = auto.from_config(config)
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     except Exception as exc:  # config values transformers cannot build a model from
         raise ModelLoadError(f"cannot build a {model_type} model from the config: {_first_line(exc)}") from exc
     return model.eval()

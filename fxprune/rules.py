@@ -692,13 +692,20 @@ def conv(ctx: Ctx, node: fx.Node) -> None:
     if name == "convolution" and node.args[6]:
         ctx.pin_node(node, f"transposed convolution at {ctx.where(node)}")
         return
-    if groups != 1:
+    xs, ws = ctx.shape(x), ctx.shape(w)
+    # depthwise (MobileNet, EfficientNet, ConvNeXt): one group per channel, input channel c -> output c
+    depthwise = groups != 1 and bool(xs and ws) and ws[1] == 1 and groups == xs[1] == ws[0]
+    if groups != 1 and not depthwise:
         ctx.pin_node(node, f"grouped convolution at {ctx.where(node)}")
         return
     xd, wd = ctx.d(x), ctx.d(w)
     ctx.unify(xd[0], out[0], node)
-    ctx.unify(xd[1], wd[1], node)
     ctx.unify(out[1], wd[0], node)
+    if depthwise:
+        ctx.unify(xd[1], out[1], node)
+        ctx.solver.pin(wd[1], f"one input channel per group of a depthwise convolution at {ctx.where(node)}")
+    else:
+        ctx.unify(xd[1], wd[1], node)
     for k in wd[2:]:  # the kernel's taps are not channels
         ctx.solver.pin(k, f"convolution kernel size at {ctx.where(node)}")
     bd = ctx.d(b)

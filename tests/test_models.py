@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxprune
 import fxprune.models as models
 from fxprune.errors import FxpruneError, ModelLoadError
 from fxprune.models import builtin_models, example_inputs, is_causal_lm, load_model, model_from_config
@@ -107,12 +108,12 @@ def test_hf_dir_causal_and_dtype(tiny_llama_dir):
     assert next(half.parameters()).dtype == torch.bfloat16
 
 
-def test_hf_dir_encoder_gets_automodel(tmp_path):
+def test_hf_dir_encoder_keeps_its_class_and_is_not_causal(tmp_path):
     from transformers import AutoConfig, BertForMaskedLM
 
     BertForMaskedLM(AutoConfig.for_model(**BERT)).save_pretrained(tmp_path / "bert")
     model, _ = load_model(str(tmp_path / "bert"))
-    assert type(model).__name__ == "BertModel"
+    assert type(model).__name__ == "BertForMaskedLM" and not is_causal_lm(model)
 
 
 def test_missing_path(tmp_path):
@@ -196,6 +197,48 @@ def test_example_inputs_vision():
     assert x.shape == (2, 3, 32, 32) and x.device.type == "meta" and x.dtype == torch.float32
 
 
+def test_example_inputs_follow_the_forward():
+    """Seq2seq models get decoder ids, Whisper its mel frames, wav2vec2 raw audio; prune runs on each
+    without example inputs given."""
+    import transformers as T
+
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=2,
+                                                 num_heads=4, decoder_start_token_id=0)).eval()
+    whisper = T.WhisperForConditionalGeneration(T.WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2)).eval()
+    w2v = T.Wav2Vec2ForCTC(T.Wav2Vec2Config(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=48, conv_dim=(16, 16), conv_stride=(5, 2),
+                                            conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                            num_conv_pos_embedding_groups=4)).eval()
+    x = example_inputs(t5, batch=3, seqlen=10)
+    assert set(x) == {"input_ids", "decoder_input_ids"} and x["decoder_input_ids"].shape == (3, 5)
+    x = example_inputs(whisper)
+    assert set(x) == {"input_features", "decoder_input_ids"} and x["input_features"].shape == (2, 8, 32)
+    assert set(example_inputs(w2v)) == {"input_values"}
+    for model in (t5, whisper, w2v):
+        res = fxprune.prune(model, ratio=0.1, targets=("heads", "mlp"))
+        assert type(res.model) is type(model) and res.report["removed_fraction"] >= 0.1 - 1e-9
+
+
+def test_hf_dir_loads_the_class_its_config_names(tmp_path):
+    """A fine-tuned classifier keeps its head, a seq2seq model its LM head (AutoModel would give
+    the bare encoder), and the meta-device build follows the same rule."""
+    import transformers as T
+
+    cls = T.BertForSequenceClassification(T.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                       num_hidden_layers=1, num_attention_heads=4, num_labels=3))
+    cls.save_pretrained(tmp_path / "bert")
+    model, _ = load_model(str(tmp_path / "bert"))
+    assert type(model) is T.BertForSequenceClassification
+    assert torch.equal(model.classifier.weight, cls.classifier.weight)
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    assert type(model_from_config(config)) is T.BertForSequenceClassification
+    res = fxprune.prune(model, ratio=0.1, targets=("heads", "mlp"))
+    assert type(res.model) is T.BertForSequenceClassification and res.model(**example_inputs(model)).logits.shape[-1] == 3
+
+
 def test_example_inputs_plain_module():
     with pytest.raises(FxpruneError, match="pass example inputs explicitly"):
         example_inputs(nn.Linear(2, 2))
@@ -209,8 +252,8 @@ def test_model_from_config_meta(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BERT, "architectures": ["BertForMaskedLM"]}))
     for spec in (tmp_path / "config.json", str(tmp_path)):
         bert = model_from_config(spec)
-        assert type(bert).__name__ == "BertModel" and not is_causal_lm(bert)
-    assert type(model_from_config(BERT)).__name__ == "BertModel"  # a masked-LM type: the encoder
+        assert type(bert).__name__ == "BertForMaskedLM" and not is_causal_lm(bert)  # the class it names
+    assert type(model_from_config(BERT)).__name__ == "BertModel"  # no architectures, a masked-LM type: the encoder
     cpu = model_from_config(LLAMA, device="cpu")
     assert next(cpu.parameters()).device.type == "cpu"
 

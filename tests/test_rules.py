@@ -524,3 +524,49 @@ class SinkHeads(nn.Module):
         both = both - both.max(dim=-1, keepdim=True).values
         probs = both.softmax(-1)[..., :-1]
         return self.o((probs @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, depthwise 3x3 (groups = channels), 1x1 project; plus a
+    grouped conv with two channels per group, which stays pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(4, 12, 1), nn.BatchNorm2d(12), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12), nn.ReLU6())
+        self.project = nn.Conv2d(12, 4, 1)
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = x + self.project(self.depthwise(self.expand(x)))
+        return self.head(torch.relu(self.grouped(x))).mean((2, 3))
+
+
+def test_depthwise_conv_keeps_its_channels_prunable():
+    dg = groups_of(_randomize_bn(InvertedResidual()), torch.randn(2, 4, 6, 6))
+    g = find(dg, "expand.0.weight", 0)
+    assert g.prunable and not g.inexact and g.units == 12
+    assert {("depthwise.0.weight", 0), ("depthwise.0.bias", 0), ("depthwise.1.weight", 0),
+            ("project.weight", 1)} <= members(g)
+    assert not any(("depthwise.0.weight", 1) in members(h) for h in dg.prunable)  # one input channel per group
+    assert not find(dg, "grouped.weight", 0).prunable and "grouped convolution" in find(dg, "grouped.weight", 0).reason
+
+
+def test_pruned_depthwise_conv_equals_masked_and_exports(tmp_path):
+    from fxprune.passes.rewrite import apply_plan, masked_copy
+    from fxprune.plan import Plan
+
+    model = _randomize_bn(InvertedResidual()).eval()
+    program = fxprune.capture(model, torch.randn(2, 4, 6, 6))
+    dg = fxprune.dependency_graph(program)
+    g = find(dg, "expand.0.weight", 0)
+    plan = Plan({g.id: [0, 3, 4, 8, 10]})
+    rw = apply_plan(program, dg, plan)
+    x = torch.randn(3, 4, 6, 6)
+    ref = masked_copy(program, dg, plan)(x)
+    assert (rw.model(x) - ref).abs().max() < 1e-5 and (rw.graph_module(x) - ref).abs().max() < 1e-5
+    conv = rw.model.depthwise[0]
+    assert conv.groups == conv.in_channels == conv.out_channels == 5 and conv.weight.shape == (5, 1, 3, 3)
+    res = fxprune.prune(model, torch.randn(2, 4, 6, 6), plan=plan)
+    assert fxprune.export_onnx(res, tmp_path / "m.onnx")["max_abs_diff"] <= 1e-4

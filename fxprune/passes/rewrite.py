@@ -140,10 +140,14 @@ ATTRIBUTES: dict[str, str] = {
     "intermediate_size": "mlp", "ffn_dim": "mlp",
     "hidden_size": "hidden", "embed_dim": "hidden", "n_embd": "hidden", "d_model": "hidden", "dim": "hidden",
 }
-# where a class gives one of those names another meaning: GPT-BigCode's multi-query attention
-# splits its fused projection at ``embed_dim``, the query width (not the residual width)
+# where a class gives one of those names another meaning, or holds a count under its own name:
+# GPT-BigCode's multi-query attention splits its fused projection at ``embed_dim``, the query width
+# (not the residual width); Mamba splits ``x_proj``'s output at ``time_step_rank``, the width of the
+# two-Linear group ``x_proj`` rows -> ``dt_proj`` columns
 CLASS_ATTRIBUTES: dict[str, dict[str, str]] = {
     "GPTBigCodeAttention": {"embed_dim": "q_width"},
+    "MambaMixer": {"time_step_rank": "mlp"},
+    "FalconMambaMixer": {"time_step_rank": "mlp"},
 }
 CONFIG_KEYS = {"num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
                "intermediate_size": "mlp", "hidden_size": "hidden", "n_head": "q_heads",
@@ -164,11 +168,17 @@ def set_count_attributes(mod: nn.Module, counts: dict[str, tuple[int, int]]) -> 
 
 
 def pin_head_dim(cfg: Any, counts: dict[str, tuple[int, int]], head_dim: int | None) -> None:
-    """Write ``head_dim`` into ``cfg`` when its head count changes and it does not say it: code that
-    derives ``hidden_size // num_attention_heads`` (Phi-3's rotary embedding, at every forward)
-    would otherwise get a wider head from the pruned count."""
+    """Write ``head_dim`` into ``cfg`` when its head count changes (see :func:`write_head_dim`)."""
     q = counts.get("q_heads")
-    if not head_dim or q is None or q[0] == q[1] or getattr(cfg, "head_dim", None):
+    if q is not None and q[0] != q[1]:
+        write_head_dim(cfg, head_dim)
+
+
+def write_head_dim(cfg: Any, head_dim: int | None) -> None:
+    """``cfg.head_dim = head_dim`` where the config does not say it: code that derives
+    ``hidden_size // num_attention_heads`` (Phi-3's rotary embedding, at every forward) would
+    otherwise get a wider head from a pruned head count."""
+    if not head_dim or getattr(cfg, "head_dim", None):
         return
     try:
         cfg.head_dim = head_dim
@@ -326,6 +336,8 @@ def _fix_standard_module(mod: nn.Module) -> None:
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and w.dim() == 1:
         mod.num_features = w.shape[0]
     elif isinstance(mod, nn.modules.conv._ConvNd):
+        if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels and w.shape[1] == 1:
+            mod.groups = w.shape[0]  # depthwise: one group per (kept) channel
         mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
     elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # GPT-2's transposed linear
         mod.nx, mod.nf = w.shape
@@ -334,6 +346,8 @@ def _fix_standard_module(mod: nn.Module) -> None:
 # -- the graph -------------------------------------------------------------------------------------
 
 SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
+# where each convolution op takes ``groups`` (after x, w, b, stride, padding, dilation[, transposed, output_padding])
+CONV_GROUPS_ARG = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}
 # normalised_shape (arg 1) of these ops spans the input's trailing dims: it shrinks with them
 NORM_SHAPE_OPS = {"layer_norm", "native_layer_norm", "rms_norm"}
 
@@ -380,6 +394,12 @@ def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMas
                 node.target = torch.ops.aten.split_with_sizes.default
                 node.args = (node.args[0], pieces, d)
                 node.kwargs = {}
+        elif name in CONV_GROUPS_ARG and len(node.args) > CONV_GROUPS_ARG[name] and isinstance(dims, list):
+            # a depthwise convolution's groups is its channel count
+            pos = CONV_GROUPS_ARG[name]
+            groups, new = node.args[pos], masks.new_size(dims[1])
+            if isinstance(groups, int) and groups > 1 and groups == dg.solver.size_of(dims[1]) and new != groups:
+                node.args = (*node.args[:pos], new, *node.args[pos + 1:])
         elif name == "slice":
             src = dg.node_dims.get(node.args[0].name)
             d = node.args[1] if len(node.args) > 1 else 0
