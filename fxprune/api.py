@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
 from .data import GENERATE_PROMPT, generate_windows, stack_windows
-from .depgraph import DependencyGraph, count_params, dependency_graph
+from .depgraph import DependencyGraph, count_params, dependency_graph, stack_of
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
 from .passes.importance.taylor import effective_precision
@@ -417,6 +417,21 @@ def _check_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any, note
     return model, notes
 
 
+_GENERIC = {"model", "transformer", "backbone", "layers", "layer", "h", "blocks", "block"}
+
+
+def _owner_name(g: Any) -> str:
+    """The innermost named module holding all of ``g``'s members (``encoder_attn``; ``encoder``
+    for a group across its stack's layers), for labels."""
+    common: list[str] = []
+    for names in zip(*(m.module.split(".") for m in g.members)):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    named = [n for n in common if n not in _GENERIC and not n.isdigit()]
+    return named[-1] if named else g.id
+
+
 def build_report(before: nn.Module, after: nn.Module, dg: DependencyGraph, plan: Plan,
                  example_inputs: Any, timings: dict[str, float], notes: list[str]) -> dict[str, Any]:
     """Parameters and MACs before/after, kept units per group and per layer, timings, notes."""
@@ -425,14 +440,22 @@ def build_report(before: nn.Module, after: nn.Module, dg: DependencyGraph, plan:
     m1 = count_macs(after, example_inputs) if not isinstance(after, fx.GraphModule) else None
     groups = []
     layers: dict[str, dict[str, Any]] = {}
-    for g in dg.groups:
-        if not g.prunable or g.kind == "other":
-            continue
+    shown = [g for g in dg.groups if g.prunable and g.kind != "other"]
+    # an encoder-decoder numbers both stacks from 0: its layers are labelled "encoder.3", "decoder.3"
+    stacks = {stack_of(g.members[0].module) for g in shown if g.layer is not None}
+    labelled: dict[tuple[str, str], list[tuple[Any, int]]] = {}
+    for g in shown:
         kept = len(plan.keep.get(g.id, range(g.units)))
         groups.append({"id": g.id, "kind": g.kind, "layer": g.layer, "units": g.units, "kept": kept,
                        "unit_size": g.unit_size})
         key = "model" if g.layer is None else str(g.layer)
-        layers.setdefault(key, {})[g.kind] = {"kept": kept, "units": g.units}
+        if g.layer is not None and len(stacks) > 1:
+            key = f"{stack_of(g.members[0].module)}.{g.layer}"
+        labelled.setdefault((key, g.kind), []).append((g, kept))
+    for (key, kind), entries in labelled.items():
+        for g, kept in entries:  # several of a kind in one layer (self- and cross-attention): named
+            label = kind if len(entries) == 1 else f"{kind} ({_owner_name(g)})"
+            layers.setdefault(key, {})[label] = {"kept": kept, "units": g.units}
     pinned = sorted({g.reason for g in dg.groups if not g.prunable})
     return {
         "params_before": p0, "params_after": p1, "removed_fraction": 1 - p1 / p0 if p0 else 0.0,

@@ -224,6 +224,8 @@ def _add_time(report: dict[str, Any], key: str, seconds: float) -> None:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    from .depgraph import layer_sort_key
+
     lines = [f"parameters {r['params_before']:,} -> {r['params_after']:,} "
              f"({r['removed_fraction']:.1%} removed)"]
     if r.get("macs_before") and r.get("macs_after"):
@@ -239,7 +241,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"ONNX {r['onnx'].get('path')} (max |diff| vs torch {r['onnx'].get('max_abs_diff', 0):.2g})")
         lines += [f"note: {n}" for n in r["onnx"].get("notes", [])]
     per = []
-    for layer, kinds in sorted(r["layers"].items(), key=lambda kv: (kv[0] != "model", int(kv[0]) if kv[0].isdigit() else -1)):
+    for layer, kinds in sorted(r["layers"].items(), key=lambda kv: layer_sort_key(kv[0])):
         parts = [f"{k} {v['kept']}/{v['units']}" for k, v in kinds.items() if v["kept"] != v["units"]]
         if parts:
             per.append(f"  layer {layer}: " + ", ".join(parts))

@@ -125,6 +125,23 @@ def layer_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def stack_of(path: str) -> str | None:
+    """The layer stack a module path is in: the last name before its layer index (``encoder`` for
+    ``model.encoder.layers.3.fc1``, ``model`` for ``model.layers.3.mlp``), None outside any layer."""
+    m = _LAYER_RE.search(path)
+    if not m:
+        return None
+    return path[: m.start()].rsplit(".", 1)[-1]
+
+
+def layer_sort_key(label: str) -> tuple[int, str, int]:
+    """Report layer labels in order: "model" first, then by stack and index ("decoder.2", "11")."""
+    if label == "model":
+        return (0, "", -1)
+    stack, _, index = label.rpartition(".")
+    return (1, stack, int(index) if index.isdigit() else -1)
+
+
 def _head_dim(members: list[Member], units: int) -> int:
     """Channels of one unit in its narrowest projection (q for GQA heads). A one-per-head member
     (MPNet's relative position bias, an embedding with a column per head) is not a projection."""

@@ -93,6 +93,25 @@ def test_layer_widths_of_a_real_prune():
     assert f"| 1 | 4/4 | 2/2 | **{per_kind['mlp'][1][0]}/48** |" in md
 
 
+def test_encoder_decoder_layers_are_labelled_by_stack_and_module(tmp_path):
+    """BART numbers encoder and decoder layers from 0, and a decoder layer has two attentions: each
+    gets its own line instead of overwriting another."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    result = fxprune.prune(BartForConditionalGeneration(cfg).eval(), ratio=0.3, targets=("heads", "mlp"))
+    layers = result.report["layers"]
+    assert {"encoder.0", "encoder.1", "decoder.0", "decoder.1"} <= set(layers)
+    assert {"heads (self_attn)", "heads (encoder_attn)", "mlp"} <= set(layers["decoder.0"])
+    assert {"heads", "mlp"} <= set(layers["encoder.1"])
+    positions, per_kind = layer_widths(result.report)
+    assert positions == [0, 1, 2, 3] and len(per_kind["mlp"]) == 4  # decoder.0, decoder.1, encoder.0, encoder.1
+    assert "decoder.1" in render_markdown(result.report)
+    assert write_report(result.report, tmp_path)["png"].exists()
+
+
 @pytest.mark.parametrize("bad", [{"layers": {}}, {"layers": {"model": {}}}])
 def test_empty_layers_still_renders(tmp_path, bad):
     paths = write_report(_report(**bad), tmp_path)

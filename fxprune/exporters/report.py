@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from ..depgraph import layer_sort_key
+
 KINDS = ("heads", "kv_heads", "mlp", "hidden")
 KIND_LABELS = {"heads": "attention heads", "kv_heads": "kv groups", "mlp": "MLP channels", "hidden": "hidden (model-wide)"}
 PICTURE = "kept_width.png"
@@ -46,17 +48,18 @@ def write_report(report: dict[str, Any], directory: str | os.PathLike) -> dict[s
 
 
 def layer_widths(report: dict[str, Any]) -> tuple[list[int], dict[str, dict[int, tuple[int, int]]]]:
-    """The numbered layers, and per kind ``{layer: (kept, units)}``; hidden is keyed ``-1``."""
+    """The numbered layers, and per kind ``{layer: (kept, units)}``; hidden is keyed ``-1``. Layers of
+    several stacks ("encoder.3", "decoder.3") are numbered one stack after the other."""
     per_kind: dict[str, dict[int, tuple[int, int]]] = {k: {} for k in KINDS}
-    layers = []
+    labels = sorted((str(k) for k in report.get("layers", {}) if str(k) != "model"), key=layer_sort_key)
+    position = {label: i for i, label in enumerate(labels)} if any("." in k for k in labels) else \
+        {label: int(label) for label in labels if label.lstrip("-").isdigit()}
     for key, kinds in report.get("layers", {}).items():
-        layer = int(key) if str(key).lstrip("-").isdigit() else -1
-        if layer >= 0:
-            layers.append(layer)
+        layer = position.get(str(key), -1)
         for kind, v in kinds.items():
             if kind in per_kind:
                 per_kind[kind][layer] = (int(v["kept"]), int(v["units"]))
-    return sorted(layers), per_kind
+    return sorted(v for v in position.values() if v >= 0), per_kind
 
 
 def plot_kept_width(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
@@ -165,15 +168,19 @@ def _timings(r: dict[str, Any]) -> list[str]:
 
 
 def _per_layer(r: dict[str, Any]) -> list[str]:
-    layers, per_kind = layer_widths(r)
-    kinds = [k for k in KINDS if per_kind[k]]
-    if not kinds:
+    layers = r.get("layers", {})
+    labels = sorted(layers, key=layer_sort_key)
+    present = {c for label in labels for c in layers[label]}
+    # the four kinds, then any kind named by module (a decoder layer's "heads (encoder_attn)")
+    columns = [k for k in KINDS if k in present] + sorted(present - set(KINDS))
+    if not columns:
         return []
-    lines = ["| layer | " + " | ".join(KIND_LABELS[k] for k in kinds) + " |",
-             "|---|" + "---:|" * len(kinds)]
-    for layer in ([-1] if any(-1 in per_kind[k] for k in kinds) else []) + layers:
-        cells = [_cell(per_kind[k].get(layer)) for k in kinds]
-        lines.append(f"| {'model' if layer < 0 else layer} | " + " | ".join(cells) + " |")
+    lines = ["| layer | " + " | ".join(KIND_LABELS.get(c, c) for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for label in labels:
+        cells = [_cell((layers[label][c]["kept"], layers[label][c]["units"]) if c in layers[label] else None)
+                 for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return ["Kept / original units (a head is `head_dim` rows; a kv group carries its query heads)."] + [""] + lines
 
 
