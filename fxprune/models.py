@@ -344,7 +344,8 @@ def example_inputs(model: nn.Module, tokenizer: Any = None, batch: int = 2, seql
         out["input_features"] = torch.randn(batch, cfg.num_mel_bins, frames, generator=g).to(device, float_dtype)
     elif "input_values" in takes and "input_ids" not in takes:
         out["input_values"] = torch.randn(batch, 16000, generator=g).to(device, float_dtype)
-    elif vocab and ("input_ids" in takes or not takes):
+    elif vocab and ("input_ids" in takes or not takes & {"pixel_values", "input_features", "input_values"}):
+        # (a forward that names none of them, e.g. ``forward(*args, **kwargs)``, gets token ids)
         out["input_ids"] = ids(seqlen)
     else:
         vision_cfg = getattr(cfg, "vision_config", None) or cfg
