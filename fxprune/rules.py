@@ -335,6 +335,13 @@ def reshape(ctx: Ctx, node: fx.Node) -> None:
     os_ = ctx.shape(node)
     i = j = 0
     solver = ctx.solver
+    sizes = node.args[1] if len(node.args) > 1 and op_name(node) in ("view", "reshape", "_unsafe_view") else None
+    if isinstance(sizes, (list, tuple)) and len(sizes) == len(os_):
+        for k in range(len(sizes) - 1):
+            # a head count written -1 that comes out as 1 (SegFormer's one-head stages): the module
+            # computes the shape from head_dim, so these channels are one whole head
+            if sizes[k] == -1 and os_[k] == 1 and isinstance(sizes[k + 1], int) and sizes[k + 1] > 1:
+                solver.pin(out[k + 1], f"head_dim of a single head (head count -1 is 1) at {ctx.where(node)}")
     while i < len(xs) or j < len(os_):
         if i < len(xs) and xs[i] == 1:
             i += 1

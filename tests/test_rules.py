@@ -570,3 +570,24 @@ def test_pruned_depthwise_conv_equals_masked_and_exports(tmp_path):
     assert conv.groups == conv.in_channels == conv.out_channels == 5 and conv.weight.shape == (5, 1, 3, 3)
     res = fxprune.prune(model, torch.randn(2, 4, 6, 6), plan=plan)
     assert fxprune.export_onnx(res, tmp_path / "m.onnx")["max_abs_diff"] <= 1e-4
+
+
+class OneHead(nn.Module):
+    """Attention whose head count is written -1 and comes out 1, as SegFormer's first stage."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.head_dim = d
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        attn = (q @ k.transpose(-1, -2) * 0.5).softmax(-1)
+        return self.o((attn @ v).transpose(1, 2).reshape(b, s, -1))
+
+
+def test_single_inferred_head_pins_its_channels():
+    dg = groups_of(OneHead(), torch.randn(2, 5, 8))
+    g = find(dg, "q.weight", 0)
+    assert not g.prunable and "single head" in g.reason
