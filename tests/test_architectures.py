@@ -381,3 +381,18 @@ def test_saved_directory_loads_in_plain_transformers():
         hf = AutoModelForCausalLM.from_pretrained(f"{d}/neox").eval()
         x = inputs("gpt_neox", 3, 9, seed=5)
         assert torch.equal(hf(**x).logits, res.model(**x).logits)
+
+
+def test_manifest_without_attributes_still_loads(tmp_path):
+    """Directories saved before the manifest recorded the rewrite's attribute changes rebuild their
+    modules from the per-layer counts, as they did."""
+    import json
+
+    res = fxprune.prune(tiny("qwen2"), inputs("qwen2"), ratio=0.25, targets=("heads", "kv_heads", "mlp"))
+    fxprune.save(res, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "fxprune.json").read_text())
+    assert manifest.pop("attributes")
+    (tmp_path / "m" / "fxprune.json").write_text(json.dumps(manifest))
+    back, _ = fxprune.load_model(str(tmp_path / "m"))
+    x = inputs("qwen2", 3, 9, seed=5)
+    assert torch.equal(run_model(back, x), run_model(res.model, x))
