@@ -23,7 +23,7 @@ from .data import GENERATE_PROMPT, generate_windows, stack_windows
 from .depgraph import DependencyGraph, count_params, dependency_graph, stack_of
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
-from .passes.importance.taylor import effective_precision
+from .passes.importance.taylor import ModelState, effective_precision
 from .passes.recovery import check_batch, check_distill, check_schedule, recover, sync_graph_module
 from .passes.rewrite import apply_plan
 from .passes.schedule import Schedule, check_options, iterative_prune
@@ -64,15 +64,14 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int | None:
     counter = FlopCounterMode(display=False)
     # no parameter requires grad while counting: the counter's module tracker hooks tensors that
     # do, and fails on a view of a parameter made under no_grad (LFM2's and Jamba's conv layers)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    state = ModelState(model)
     try:
-        for p, _ in flags:
+        for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(*args, **kwargs, **call_extras(model))
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        state.restore()
     return int(counter.get_total_flops() // 2)
 
 

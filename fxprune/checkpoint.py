@@ -25,7 +25,8 @@ import torch
 from torch import fx, nn
 
 from .errors import FxpruneError, ModelLoadError
-from .passes.rewrite import CONFIG_KEYS, _fix_standard_module, pin_head_dim, set_count_attributes, write_head_dim
+from .passes.rewrite import (CONFIG_KEYS, _apply_config, _fix_standard_module, pin_head_dim, set_count_attributes,
+                             write_head_dim)
 from .depgraph import layer_of
 from .plan import Plan
 
@@ -420,8 +421,6 @@ def _set_layer_attributes(model: nn.Module, config: Any, layers: dict[str, dict[
         set_count_attributes(mod, counts)
         if getattr(mod, "config", None) is not None and layer is not None and path.count(".") > 0:
             private = copy.copy(mod.config)
-            for ck, key in CONFIG_KEYS.items():
-                if key in counts and getattr(private, ck, None) == counts[key][0]:
-                    setattr(private, ck, counts[key][1])
+            _apply_config(private, counts)
             pin_head_dim(private, counts, head_dim)
             mod.config = private

@@ -127,6 +127,12 @@ def _int_or_none(s: Any) -> int | None:
     return v if isinstance(v, int) else None
 
 
+def _results(out: Any) -> list[list[int]]:
+    """The dims of each result of a node: one list, or one per element of a tuple output
+    (max.dim's values and indices, native_layer_norm's output and statistics)."""
+    return out if out and isinstance(out[0], list) else [out]
+
+
 def _flatten(x: Any) -> list[int]:
     if x is None:
         return []
@@ -220,7 +226,7 @@ def reduction(ctx: Ctx, node: fx.Node) -> None:
     for i in reduced:
         ctx.inexact.add(f"{xd[i]}")
     # max.dim / var_mean give a tuple of same-shaped results (values and indices)
-    for o in (out if out and isinstance(out[0], list) else [out]):
+    for o in _results(out):
         j = 0
         for i in range(rank):
             if i not in reduced:
@@ -582,8 +588,7 @@ def layer_norm(ctx: Ctx, node: fx.Node) -> None:
     b = node.args[3] if len(node.args) > 3 and op_name(node) != "rms_norm" else node.kwargs.get("bias")
     out = ctx.fresh(node)
     ctx.dims[node] = out
-    first = out[0] if isinstance(out[0], list) else None
-    out_main = first if first is not None else out
+    out_main = _results(out)[0]
     for k in range(len(xd)):
         ctx.unify(xd[k], out_main[k], node)
     n = len(nshape)
@@ -607,7 +612,7 @@ def batch_norm(ctx: Ctx, node: fx.Node) -> None:
     xd = ctx.d(x)
     out = ctx.fresh(node)
     ctx.dims[node] = out
-    main = out[0] if out and isinstance(out[0], list) else out  # native variants return a tuple
+    main = _results(out)[0]  # native variants return a tuple
     if xd is None or len(xd) < 2:
         return
     for k in range(len(xd)):
@@ -628,7 +633,7 @@ def pool(ctx: Ctx, node: fx.Node) -> None:
     if xd is None:
         return
     spatial = int(op_name(node).split("pool")[1][0])  # max_pool2d -> 2, adaptive_avg_pool1d -> 1
-    for o in out if out and isinstance(out[0], list) else [out]:  # with_indices: (values, indices)
+    for o in _results(out):  # with_indices: (values, indices)
         for k in range(len(xd) - spatial):
             ctx.unify(xd[k], o[k], node)
     for v in xd[len(xd) - spatial:]:  # a pooled dim's size decides the output's: never a channel to remove
@@ -688,12 +693,17 @@ def sdpa(ctx: Ctx, node: fx.Node) -> None:
             ctx.unify(md[-j], tdims[-j], node)
 
 
+# where each convolution op takes ``groups`` (after x, w, b, stride, padding, dilation[, transposed, output_padding])
+CONV_GROUPS_ARG = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}
+
+
 def conv(ctx: Ctx, node: fx.Node) -> None:
     """conv1d/2d/3d(x, w, b, stride, padding, dilation, groups): channels are dim 1."""
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else None
     name = op_name(node)
-    groups = node.args[-1] if name == "convolution" else (node.args[6] if len(node.args) > 6 else 1)
+    pos = CONV_GROUPS_ARG[name]
+    groups = node.args[pos] if len(node.args) > pos else 1
     out = ctx.fresh(node)
     ctx.dims[node] = out
     if name == "convolution" and node.args[6]:

@@ -22,7 +22,7 @@ from ..capture import WRAP, Program
 from ..depgraph import DependencyGraph, Group, layer_of
 from ..errors import PlanError
 from ..plan import Plan
-from ..rules import op_name
+from ..rules import CONV_GROUPS_ARG, op_name
 
 
 class KeepMasks:
@@ -346,8 +346,6 @@ def _fix_standard_module(mod: nn.Module) -> None:
 # -- the graph -------------------------------------------------------------------------------------
 
 SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
-# where each convolution op takes ``groups`` (after x, w, b, stride, padding, dilation[, transposed, output_padding])
-CONV_GROUPS_ARG = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}
 # normalised_shape (arg 1) of these ops spans the input's trailing dims: it shrinks with them
 NORM_SHAPE_OPS = {"layer_norm", "native_layer_norm", "rms_norm"}
 
