@@ -1,4 +1,4 @@
-"""Save and reload pruned models: ``model.safetensors`` + ``fxprune.json`` (+ tokenizer files).
+"""Save and reload pruned models: ``model.safetensors`` (or shards) + ``fxprune.json`` (+ tokenizer files).
 
 HF models are written with ``save_pretrained``, so where every layer has the same shapes the
 directory also loads with plain ``AutoModel*.from_pretrained``. Layers of different widths are
@@ -34,21 +34,24 @@ MANIFEST = "fxprune.json"
 # tensors the model class leaves out of save_pretrained (Marian's sinusoidal position table, which
 # transformers recomputes at full width on load: a pruned residual width would not match it)
 UNSAVED = "fxprune_unsaved.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # save_pretrained's map of weight -> shard file
 FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
 
 
 def save(result: Any, directory: str | os.PathLike, *, force: bool = False, extra: dict | None = None,
-         also: Callable[[Path], None] | None = None) -> Path:
+         also: Callable[[Path], None] | None = None, max_shard_size: int | str | None = None) -> Path:
     """Write the pruned model of ``result`` (a PruneResult) to ``directory``, atomically.
 
     An existing non-empty ``directory`` is an error unless ``force`` is set. ``also(tmp)`` may
     write more files (ONNX, report) into the temporary directory before it is moved into place,
     so an interrupted or failed run leaves neither a half-written ``directory`` nor a temp dir.
+    ``max_shard_size`` (e.g. ``"5GB"``) splits a Hugging Face model's weights into shards plus
+    ``model.safetensors.index.json``, as ``save_pretrained`` does (its default: 50GB).
     """
     with staging(directory, force=force) as tmp:
-        _write(result, tmp, extra or {})
+        _write(result, tmp, extra or {}, max_shard_size)
         if also is not None:
             also(tmp)
     return Path(directory)
@@ -101,7 +104,7 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(result: Any, out: Path, extra: dict) -> None:
+def _write(result: Any, out: Path, extra: dict, max_shard_size: int | str | None = None) -> None:
     model = result.model
     manifest: dict[str, Any] = {
         "format": "fxprune", "version": FORMAT_VERSION,
@@ -114,7 +117,7 @@ def _write(result: Any, out: Path, extra: dict) -> None:
         **extra,
     }
     if hasattr(model, "save_pretrained") and not isinstance(model, fx.GraphModule):
-        _save_pretrained(model, out)
+        _save_pretrained(model, out, max_shard_size)
         _save_unsaved(model, out)
         manifest["kind"] = "hf"
         manifest["class"] = type(model).__name__
@@ -137,7 +140,7 @@ def _write(result: Any, out: Path, extra: dict) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
 
 
-def _save_pretrained(model: nn.Module, out: Path) -> None:
+def _save_pretrained(model: nn.Module, out: Path, max_shard_size: int | str | None = None) -> None:
     """``save_pretrained``; a config that transformers refuses to validate becomes a user error."""
     try:
         from huggingface_hub.errors import StrictDataclassError
@@ -148,6 +151,8 @@ def _save_pretrained(model: nn.Module, out: Path) -> None:
     # load() and transformers 5's from_pretrained both read as they are
     native = ({"save_original_format": False}
               if "save_original_format" in inspect.signature(model.save_pretrained).parameters else {})
+    if max_shard_size is not None:
+        native["max_shard_size"] = max_shard_size
     try:
         model.save_pretrained(out, safe_serialization=True, **native)
     except StrictDataclassError as exc:
@@ -187,17 +192,7 @@ def load(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
         raise ModelLoadError(f"{d} is not an fxprune output directory (no {MANIFEST})") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read {d / MANIFEST}: {exc}") from exc
-    weights = d / "model.safetensors"
-    if not weights.is_file():
-        raise ModelLoadError(f"{weights} is missing")
-    try:
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ModelLoadError(f"{weights} is corrupt or unreadable: {exc}") from exc
-    if (d / UNSAVED).is_file():
-        state.update(load_file(str(d / UNSAVED)))
+    state = _read_weights(d)
     if manifest.get("kind") == "module":
         try:
             ep = torch.export.load(str(d / "model.pt2"))
@@ -212,6 +207,34 @@ def load(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
 
         tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     return model, tokenizer
+
+
+def _read_weights(d: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved directory: ``model.safetensors``, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = d / SHARD_INDEX
+    if (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"cannot read the shard index {index}: {exc}") from exc
+        files = [d / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise ModelLoadError(f"{d / 'model.safetensors'} is missing (and there is no {SHARD_INDEX})")
+    if (d / UNSAVED).is_file():
+        files.append(d / UNSAVED)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"{f} is missing (named by {index.name})")
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"{f} is corrupt or unreadable: {exc}") from exc
+    return state
 
 
 def origin(directory: str | os.PathLike) -> tuple[nn.Module, Plan] | None:
@@ -282,7 +305,7 @@ def _build_hf(d: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor])
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta or unexpected:
         raise ModelLoadError(
-            f"{d / 'model.safetensors'} does not match the manifest "
+            f"the weights in {d} do not match the manifest "
             f"(missing {still_meta[:3]}, unexpected {list(unexpected)[:3]})"
         )
     missing = [name for name, buf in model.named_buffers() if buf.is_meta]

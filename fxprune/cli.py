@@ -213,7 +213,7 @@ def _write_outputs(result: Any, out: Path, args: argparse.Namespace, say: _Say) 
         write_report(report, tmp)
 
     say(f"saving to {out}")
-    save(result, out, force=args.force, also=also)
+    save(result, out, force=args.force, also=also, max_shard_size=args.max_shard_size)
 
 
 def _add_time(report: dict[str, Any], key: str, seconds: float) -> None:
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plan", default=None, help="replay a saved plan (fxprune.json's or a plan file)")
     pr.add_argument("--out", default=None, help="directory for the pruned model")
     pr.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    pr.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                    help="split the saved weights into shards of at most SIZE (e.g. 5GB; default 50GB)")
     pr.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (verified)")
     pr.add_argument("--onnx-optimize", choices=ONNX_OPTIMIZE, default=None, metavar="LEVEL",
                     help=ONNX_OPTIMIZE_HELP)

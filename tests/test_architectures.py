@@ -396,3 +396,26 @@ def test_manifest_without_attributes_still_loads(tmp_path):
     back, _ = fxprune.load_model(str(tmp_path / "m"))
     x = inputs("qwen2", 3, 9, seed=5)
     assert torch.equal(run_model(back, x), run_model(res.model, x))
+
+
+def test_sharded_save_reloads_and_loads_in_plain_transformers(tmp_path):
+    """``max_shard_size`` splits the weights as save_pretrained does (transformers shards above 50GB
+    by default); load reads the shards through their index, and ragged layers rebuild from them."""
+    from transformers import AutoModelForCausalLM
+
+    res = fxprune.prune(tiny("qwen2"), inputs("qwen2"), ratio=0.25, targets=("heads", "kv_heads", "mlp"))
+    fxprune.save(res, tmp_path / "m", max_shard_size="20KB")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
+    x = inputs("qwen2", 3, 9, seed=5)
+    back, _ = fxprune.load_model(str(tmp_path / "m"))
+    assert torch.equal(run_model(back, x), run_model(res.model, x))
+    uniform = fxprune.prune(tiny("qwen2"), inputs("qwen2"), ratio=0.2, targets=("mlp",))
+    fxprune.save(uniform, tmp_path / "u", max_shard_size="20KB")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "u")).eval()
+    assert torch.equal(hf(**x).logits, uniform.model(**x).logits)
+    shard = next(p for p in (tmp_path / "m").iterdir() if p.name.startswith("model-0000"))
+    shard.unlink()
+    with pytest.raises(fxprune.FxpruneError, match=f"{shard.name} is missing"):
+        fxprune.load_model(str(tmp_path / "m"))
