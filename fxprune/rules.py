@@ -730,12 +730,25 @@ def conv(ctx: Ctx, node: fx.Node) -> None:
         ctx.unify(bd[0], out[1], node)
 
 
+# position of the size list of creation ops whose every element is the same value: pruning any
+# positions of such a tensor is exact once the rewrite shrinks the size (T5's zero position bias,
+# torch.zeros((1, n_heads, q, k)), for attention without a relative bias of its own)
+FILLED_SIZE_ARG = {"zeros": 0, "ones": 0, "full": 0, "empty": 0,
+                   "new_zeros": 1, "new_ones": 1, "new_full": 1, "new_empty": 1}
+
+
 def creation(ctx: Ctx, node: fx.Node) -> None:
-    """zeros / ones / full / arange...: a constant-size tensor would need its size rewritten."""
+    """zeros / ones / full: dims with an int size literal stay free (the rewrite shrinks the
+    literal); arange / randn / tensor...: values differ along each dim, so constant sizes pin."""
     out = ctx.fresh(node)
     ctx.dims[node] = out
     shape = ctx.shape(node) or []
-    for v, s in zip(_flatten(out), shape):
+    pos = FILLED_SIZE_ARG.get(op_name(node))
+    sizes = node.args[pos] if pos is not None and len(node.args) > pos else None
+    literal = isinstance(sizes, (list, tuple)) and len(sizes) == len(shape)
+    for k, (v, s) in enumerate(zip(_flatten(out), shape)):
+        if literal and isinstance(sizes[k], int) and sizes[k] == s:
+            continue
         if isinstance(s, int) and s > 1:
             ctx.solver.pin(v, f"tensor created with a constant size at {ctx.where(node)}")
 

@@ -217,14 +217,18 @@ def test_self_and_cross_attention_keep_their_own_head_counts(tmp_path):
     dg = fxprune.dependency_graph(program)
     heads = [g for g in dg.prunable if g.kind == "heads" and not g.inexact]
     mlp = [g for g in dg.prunable if g.kind == "mlp"]
-    assert len(heads) >= 2 and mlp
-    plan = Plan({**{g.id: list(range(g.units - 1 - i)) for i, g in enumerate(heads)},  # 3, 2: no broadcasting
+    # decoder self-attention, cross-attention (zero position bias: torch.zeros((1, n_heads, q, k)))
+    # and encoder self-attention, each tied across its stack by the shared position bias
+    assert len(heads) == 3 and any("EncDecAttention" in g.id for g in heads) and mlp
+    plan = Plan({**{g.id: list(range(g.units - 1 - i % 2)) for i, g in enumerate(heads)},  # 3, 2, 3: no broadcasting
                  **{g.id: list(range(8 + 4 * i)) for i, g in enumerate(mlp)}})
     x = inputs("t5", 3, 9, seed=4)
     ref = run_model(masked_copy(program, dg, plan), x)
     assert (run_model(apply_plan(program, dg, plan).model, x) - ref).abs().max() < 1e-5
     res = fxprune.prune(model, inputs("t5"), plan=plan)
     assert type(res.model) is type(model)
+    assert res.model.decoder.block[1].layer[1].EncDecAttention.n_heads == 2
+    assert (run_model(res.model, x) - ref).abs().max() < 1e-5
     fxprune.save(res, tmp_path / "t5")
     back, _ = fxprune.load_model(str(tmp_path / "t5"))
     assert torch.equal(run_model(back, x), run_model(res.model, x))

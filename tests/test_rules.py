@@ -591,3 +591,48 @@ def test_single_inferred_head_pins_its_channels():
     dg = groups_of(OneHead(), torch.randn(2, 5, 8))
     g = find(dg, "q.weight", 0)
     assert not g.prunable and "single head" in g.reason
+
+
+class Filled(nn.Module):
+    """Channels meet tensors made with a constant size: filled ones (zeros / ones / full / new_*)
+    shrink with the channels; arange has a different value at each position, so it pins them."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.op == "zeros":
+            h = h + torch.zeros(1, 6)
+        elif self.op == "full":
+            h = h * torch.full((6,), 0.5)
+        elif self.op == "new_ones":
+            h = h - x.new_ones((x.shape[0], 6))
+        else:
+            h = h + torch.arange(6, dtype=h.dtype)
+        return self.b(torch.relu(h))
+
+
+@pytest.mark.parametrize("op", ["zeros", "full", "new_ones"])
+def test_filled_tensor_sizes_shrink_with_the_channels(op):
+    from fxprune.passes.rewrite import apply_plan, masked_copy
+    from fxprune.plan import Plan
+
+    model, x = Filled(op).eval(), torch.randn(2, 4)
+    program = fxprune.capture(model, x)
+    dg = fxprune.dependency_graph(program)
+    g = find(dg, "a.weight", 0)
+    assert g.prunable and not g.inexact and ("b.weight", 1) in members(g) and not dg.unknown_ops
+    plan = Plan({g.id: [0, 2, 5]})
+    pruned = apply_plan(program, dg, plan)
+    assert pruned.model.a.weight.shape[0] == 3
+    x2 = torch.randn(3, 4)
+    ref = masked_copy(program, dg, plan)(x2)
+    assert torch.allclose(pruned.graph_module(x2), ref, atol=1e-6)
+
+
+def test_arange_of_the_channel_count_pins_it():
+    g = find(groups_of(Filled("arange"), torch.randn(2, 4)), "a.weight", 0)
+    assert not g.prunable and "constant size" in g.reason

@@ -22,7 +22,7 @@ from ..capture import WRAP, Program
 from ..depgraph import DependencyGraph, Group, layer_of
 from ..errors import PlanError
 from ..plan import Plan
-from ..rules import CONV_GROUPS_ARG, op_name
+from ..rules import CONV_GROUPS_ARG, FILLED_SIZE_ARG, op_name
 
 
 class KeepMasks:
@@ -365,7 +365,7 @@ def _rewrite_graph(program: Program, dg: DependencyGraph, masks: KeepMasks, mode
 
 def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMasks) -> None:
     """Recompute, in place, the size literals of ``graph`` that pruned dims change: view/reshape/
-    expand sizes, norm shapes, split sizes and slice bounds. ``graph`` is the graph ``dg`` was built
+    expand sizes, zeros/ones/full sizes, norm shapes, split sizes and slice bounds. ``graph`` is the graph ``dg`` was built
     from, lifted or unlifted (node names are what count)."""
     for node in graph.nodes:
         if node.op != "call_function":
@@ -378,6 +378,12 @@ def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMas
             if isinstance(sizes, (list, tuple)) and len(sizes) == len(dims):
                 new = [(_new_literal(masks, v, s)) for v, s in zip(dims, sizes)]
                 node.args = (node.args[0], new, *node.args[2:])
+        elif name in FILLED_SIZE_ARG and isinstance(dims, list) and len(node.args) > FILLED_SIZE_ARG[name]:
+            pos = FILLED_SIZE_ARG[name]
+            sizes = node.args[pos]
+            if isinstance(sizes, (list, tuple)) and len(sizes) == len(dims):
+                new = [_new_literal(masks, v, s) for v, s in zip(dims, sizes)]
+                node.args = (*node.args[:pos], new, *node.args[pos + 1:])
         elif name in NORM_SHAPE_OPS and isinstance(node.args[1], (list, tuple)):
             src = dg.node_dims.get(node.args[0].name) or []
             sizes = list(node.args[1])
