@@ -31,7 +31,7 @@ from .passes.select import Selection, parse_layers, select
 from .plan import Plan
 from .progress import ProgressLike, as_progress
 
-KIND_NAMES = ("heads", "kv_heads", "mlp", "hidden")
+KIND_NAMES = ("heads", "kv_heads", "mlp", "rank", "hidden")
 IMPORTANCE_ROWS = 5  # windows per forward/backward of a gradient pass: larger matmuls, same gradient
 Progress = ProgressLike  # a fxprune.progress.Progress, a callable(str) for stage names, True or None
 
@@ -130,7 +130,8 @@ def prune(
         ratio: fraction of all parameters to remove, in (0, 1).
         importance: ``l1``, ``l2``, ``random``, or a gradient pass (``taylor-*``, ``lora``) that
             needs ``calib`` token windows. Default ``l2``, or ``lora`` when ``iterative``.
-        targets: group kinds to prune: ``heads``, ``kv_heads``, ``mlp``, ``hidden``.
+        targets: group kinds to prune: ``heads``, ``kv_heads``, ``mlp``, ``rank`` (the low-rank
+            bottlenecks of an attention, DeepSeek's MLA), ``hidden``.
         layers: ``"3:29"`` or a ``range``: prune only these layers.
         mode: ``local`` (same fraction per group) or ``global`` ranking.
         round_to: keep a multiple of this many units per group (hardware-friendly widths).

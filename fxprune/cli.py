@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters to remove")
     pr.add_argument("--importance", default=None,
                     help="importance pass (default l2; lora with --iterative; obs: chosen for --reconstruct)")
-    pr.add_argument("--targets", default="heads,mlp", help="comma list of heads,kv_heads,mlp,hidden")
+    pr.add_argument("--targets", default="heads,mlp", help="comma list of heads,kv_heads,mlp,rank,hidden (rank: low-rank attention bottlenecks, e.g. DeepSeek's MLA)")
     pr.add_argument("--layers", default=None, help="layer range START:END, e.g. 3:29")
     pr.add_argument("--mode", default="local", choices=["local", "global"])
     pr.add_argument("--round-to", type=int, default=1)

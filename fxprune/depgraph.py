@@ -23,7 +23,7 @@ from .capture import Program
 from .dims import DimSolver
 from .rules import Ctx, rule_for
 
-KINDS = ("heads", "kv_heads", "mlp", "hidden", "other")
+KINDS = ("heads", "kv_heads", "mlp", "rank", "hidden", "other")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.(\d+)(?:\.|$)")
 
 
@@ -244,6 +244,16 @@ def _flat(x: Any) -> list[int]:
     return [v for y in x for v in _flat(y)]
 
 
+def _mark_ranks(groups: list[Group]) -> None:
+    """A layer-local group that feeds a module holding attention heads is a low-rank bottleneck
+    of the attention (DeepSeek's MLA: q_a_proj -> q_a_layernorm -> q_b_proj), not an MLP: kind
+    ``rank``, pruned only when asked for by name."""
+    head_modules = {m.module for g in groups if g.kind in ("heads", "kv_heads") for m in g.members}
+    for g in groups:
+        if g.kind == "mlp" and any(m.module in head_modules for m in g.members if not m.is_buffer):
+            g.kind, g.id = "rank", "rank" + g.id[len("mlp"):]
+
+
 def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> list[Group]:
     pinned = solver.pinned_atoms()
     inexact_atoms = set()
@@ -339,6 +349,7 @@ def _form_groups(program: Program, solver: DimSolver, param_dims, ctx: Ctx) -> l
             align=max([align_of.get(a, 1) for a in spec] + [1]),
             head_dim=_head_dim(built, units),
         ))
+    _mark_ranks(groups)
     order = {k: i for i, k in enumerate(KINDS)}
     groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, order[g.kind], g.id))
     return groups

@@ -86,6 +86,13 @@ def tiny(name: str) -> torch.nn.Module:
                                                                    num_attention_heads=4, image_size=16, patch_size=4)),
         # short convolutions between attention layers; the MAC count once failed on them
         "lfm2": lambda: T.Lfm2ForCausalLM(T.Lfm2Config(**c, **gqa, pad_token_id=0, layer_types=["conv", "full_attention"])),
+        # multi-head latent attention (low-rank q / kv bottlenecks with an RMSNorm: kind "rank"), a
+        # dense first layer, then routed + shared experts
+        "deepseek_v3": lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+            **{**c, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=16,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+            n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
+            v_head_dim=8, pad_token_id=0)),
         "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=16, patch_size=4, num_channels=3)),
     }
@@ -94,7 +101,7 @@ def tiny(name: str) -> torch.nn.Module:
 
 ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt",
          "distilbert", "t5_encoder", "mobilebert", "resnet", "whisper", "vit", "phimoe", "gpt_bigcode", "mpnet",
-         "apertus", "t5", "marian", "siglip", "lfm2"]
+         "apertus", "t5", "marian", "siglip", "lfm2", "deepseek_v3"]
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -423,3 +430,29 @@ def test_sharded_save_reloads_and_loads_in_plain_transformers(tmp_path):
     shard.unlink()
     with pytest.raises(fxprune.FxpruneError, match=f"{shard.name} is missing"):
         fxprune.load_model(str(tmp_path / "m"))
+
+
+def test_latent_attention_ranks_prune_by_name(tmp_path):
+    """DeepSeek's q / kv bottlenecks (q_a_proj -> q_a_layernorm -> q_b_proj) feed the attention's
+    head projections: kind ``rank``, left alone by ``mlp``; pruned by name, the module's
+    q_lora_rank / kv_lora_rank and the config follow, and the directory loads in plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny("deepseek_v3")
+    dg = fxprune.dependency_graph(fxprune.capture(model, inputs("deepseek_v3")))
+    ranks = [g for g in dg.prunable if g.kind == "rank"]
+    assert len(ranks) == 6 and all(g.units == 16 for g in ranks)
+    assert all(any(m.param.endswith(("q_a_layernorm.weight", "kv_a_layernorm.weight")) for m in g.members) for g in ranks)
+    mlp_only = fxprune.prune(model, inputs("deepseek_v3"), ratio=0.1, targets=("mlp",))
+    rows = [g for g in mlp_only.report["groups"] if g["kind"] == "rank"]
+    assert len(rows) == 6 and all(g["kept"] == g["units"] for g in rows) and mlp_only.report["removed_fraction"] >= 0.1
+    res = fxprune.prune(model, inputs("deepseek_v3"), ratio=0.1, targets=("rank",))
+    attn = res.model.model.layers[2].self_attn
+    assert type(res.model) is type(model) and attn.kv_lora_rank < 16 and attn.q_lora_rank < 16
+    assert res.model.config.kv_lora_rank == attn.kv_lora_rank == attn.kv_a_layernorm.weight.numel()
+    x = inputs("deepseek_v3", 3, 9, seed=5)
+    assert (run_model(res.model, x) - run_model(res.graph_module, x)).abs().max() < 1e-5
+    fxprune.save(res, tmp_path / "ds")
+    assert torch.equal(run_model(fxprune.load_model(str(tmp_path / "ds"))[0], x), run_model(res.model, x))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ds")).eval()
+    assert torch.equal(plain(**x).logits, res.model(**x).logits)

@@ -24,7 +24,7 @@ from ..errors import FxpruneError
 
 _LAYER_SEG = re.compile(r"(^|\.)(layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.(\d+)(?=\.|$)")
 KIND_COLORS = {
-    "heads": "#1f77b4", "kv_heads": "#7b4fb0", "mlp": "#2ca02c", "hidden": "#e07b00", "other": "#7f7f7f",
+    "heads": "#1f77b4", "kv_heads": "#7b4fb0", "mlp": "#2ca02c", "rank": "#17becf", "hidden": "#e07b00", "other": "#7f7f7f",
 }
 PINNED_COLOR = "#c0392b"
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..depgraph import layer_sort_key
 
-KINDS = ("heads", "kv_heads", "mlp", "hidden")
+KINDS = ("heads", "kv_heads", "mlp", "rank", "hidden")
 KIND_LABELS = {"heads": "attention heads", "kv_heads": "kv groups", "mlp": "MLP channels", "hidden": "hidden (model-wide)"}
 PICTURE = "kept_width.png"
 # marker, line style and a small x offset per kind, so series at the same value stay visible

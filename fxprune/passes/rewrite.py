@@ -149,6 +149,14 @@ CLASS_ATTRIBUTES: dict[str, dict[str, str]] = {
     "MambaMixer": {"time_step_rank": "mlp"},
     "FalconMambaMixer": {"time_step_rank": "mlp"},
 }
+# attributes that hold the width of one parameter dim of their module (the kept units of the group
+# that dim is in): the low-rank bottlenecks of multi-head latent attention (DeepSeek V2/V3,
+# MiniCPM3, Kimi...), pruned as kind ``rank``; the model config's key of the same name follows
+# where every layer keeps the same width
+WIDTH_ATTRIBUTES: dict[str, tuple[str, int]] = {
+    "q_lora_rank": ("q_a_layernorm.weight", 0),
+    "kv_lora_rank": ("kv_a_layernorm.weight", 0),
+}
 CONFIG_KEYS = {"num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
                "intermediate_size": "mlp", "hidden_size": "hidden", "n_head": "q_heads",
                "n_embd": "hidden", "n_inner": "mlp", "dim": "hidden", "hidden_dim": "mlp"}
@@ -298,8 +306,34 @@ def _update_attributes(model: nn.Module, program: Program, dg: DependencyGraph, 
                     if getattr(private, k, None) != getattr(cfg, k, None)}
             if diff:
                 record.setdefault(path, {})["config"] = diff
+    notes += _update_width_attributes(model, dg, masks, record)
     model.fxprune_layers = per_layer  # read by the checkpoint exporter
     model.fxprune_attributes = record
+    return notes
+
+
+def _update_width_attributes(model: nn.Module, dg: DependencyGraph, masks: KeepMasks,
+                             record: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    """:data:`WIDTH_ATTRIBUTES` of every module (and of the model config) set to their dim's kept width."""
+    group_of = {(m.param, m.dim): g for g in dg.groups for m in g.members}
+    widths: dict[str, set[tuple[int, int]]] = {}
+    for path, mod in model.named_modules():
+        for attr, (param, dim) in WIDTH_ATTRIBUTES.items():
+            val, g = getattr(mod, attr, None), group_of.get((f"{path}.{param}" if path else param, dim))
+            if g is None or not isinstance(val, int) or isinstance(val, bool) or val != g.units:
+                continue
+            new = _kept(masks, g)
+            widths.setdefault(attr, set()).add((val, new))
+            if new != val:
+                setattr(mod, attr, new)
+                record.setdefault(path, {}).setdefault("attributes", {})[attr] = new
+    notes = []
+    cfg = getattr(model, "config", None)
+    for attr, pairs in widths.items():
+        if len({new for _, new in pairs}) > 1:
+            notes.append(f"layers differ in {attr}; the config keeps its value, per-layer shapes are in the manifest")
+        elif cfg is not None and (old_new := pairs.pop()) and getattr(cfg, attr, None) == old_new[0]:
+            setattr(cfg, attr, old_new[1])
     return notes
 
 
