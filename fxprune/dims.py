@@ -43,6 +43,8 @@ class DimSolver:
     defs: dict[int, _Def] = field(default_factory=dict)
     pins: dict[int, str] = field(default_factory=dict)
     broadcast: set[int] = field(default_factory=set)
+    # the channel factor of an interleaved dim (``x[..., ::2]``, GPT-OSS's gate / up): not heads
+    strided: set[int] = field(default_factory=set)
     _coords: dict[int, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- variables -------------------------------------------------------------------------------
@@ -90,6 +92,8 @@ class DimSolver:
             self.pins.setdefault(ra, self.pins.pop(rb))
         if rb in self.broadcast:
             self.broadcast.add(ra)
+        if rb in self.strided:
+            self.strided.add(ra)
         da, db = self.defs.get(ra), self.defs.pop(rb, None)
         if db is None:
             return
@@ -281,7 +285,8 @@ class DimSolver:
         out: set[int] = set()
         if d.kind == PROD:
             for p in d.parts[:-1]:
-                out.update(self.atoms_of(p))
+                if self.find(p) not in self.strided:
+                    out.update(self.atoms_of(p))
         for p in d.parts:
             out |= self.lead_atoms(p)
         return out

@@ -543,6 +543,8 @@ def slice_(ctx: Ctx, node: fx.Node) -> None:
         return
     if not isinstance(size, int):
         return  # slicing the sequence or batch: no channels involved
+    if step != 1 and _interleaved(ctx, node, xd[dim], out[dim], size, start, end, step):
+        return
     if not isinstance(start, int) or not (end is None or isinstance(end, int)) or step != 1:
         ctx.solver.pin(xd[dim], f"strided or symbolic slice at {ctx.where(node)}")
         return
@@ -556,6 +558,68 @@ def slice_(ctx: Ctx, node: fx.Node) -> None:
         parts.append(ctx.solver.new(size - end, node.name))
     ctx.edges.append((xd[dim], out[dim], "slice", node.name))
     ctx.solver.define_cat(xd[dim], parts)
+
+
+def _interleaved(ctx: Ctx, node: fx.Node, src: int, dst: int, size: int, start: Any, end: Any, step: Any) -> bool:
+    """``x[..., s::k]`` over a whole dim (s < k): the dim is (channel, k) row-major and the slice
+    takes position s of each channel's k (GPT-OSS's interleaved gate / up), so channels prune
+    with all k of their positions. The rewrite leaves such a slice as it is."""
+    if not (isinstance(step, int) and isinstance(start, int) and 0 <= start < step and size % step == 0
+            and (end is None or (isinstance(end, int) and end >= size))):
+        return False
+    inner = ctx.solver.new(step, node.name)
+    ctx.solver.pin(inner, f"interleaved positions (strided slice) at {ctx.where(node)}")
+    ctx.solver.strided.add(ctx.solver.find(dst))
+    ctx.edges.append((src, dst, "slice", node.name))
+    ctx.solver.define_prod(src, [dst, inner])
+    return True
+
+
+def index(ctx: Ctx, node: fx.Node) -> None:
+    """``x[i]`` / ``x[i, j]`` with integer index tensors on the leading dims: those dims are gathered
+    by data (an expert's bias by expert id, tokens by routing order) and pinned; the dims after them
+    pass through. Boolean masks and indices after a skipped dim are left to ``unknown``."""
+    x, idx = node.args[0], node.args[1] if len(node.args) > 1 else None
+    xd, xs = ctx.d(x), ctx.shape(x)
+    vals = [i.meta.get("val") if isinstance(i, fx.Node) else None for i in idx or []]
+    if (xd is None or not idx or len(idx) > len(xd)
+            or any(not isinstance(v, torch.Tensor) or v.dtype == torch.bool for v in vals)):
+        unknown(ctx, node)
+        return
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    lead = len(out) - (len(xd) - len(idx))
+    reason = f"dim gathered by index at {ctx.where(node)}"
+    for k in range(len(idx)):
+        if isinstance(xs[k], int) and xs[k] > 1:
+            ctx.solver.pin(xd[k], reason)
+    for v in out[:lead]:  # one entry per index position: chosen by data, never channels
+        ctx.solver.pin(v, reason)
+    for k in range(len(idx), len(xd)):
+        ctx.unify(xd[k], out[lead + k - len(idx)], node)
+
+
+def sort_topk(ctx: Ctx, node: fx.Node) -> None:
+    """sort / topk / argsort along a dim: positions along it are reordered (or chosen) by value,
+    so it is pinned; the other dims pass through to the values and the indices."""
+    x = node.args[0]
+    xd, xs = ctx.d(x), ctx.shape(x)
+    out = ctx.fresh(node)
+    ctx.dims[node] = out
+    if xd is None:
+        return
+    pos = {"topk": 2}.get(op_name(node), 1)
+    dim = node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", -1)
+    dim = _norm_dim(int(dim) if isinstance(dim, int) else -1, len(xd))
+    reason = f"dim sorted by value at {ctx.where(node)}"
+    if isinstance(xs[dim], int) and xs[dim] > 1:
+        ctx.solver.pin(xd[dim], reason)
+    for o in _results(out):
+        for k in range(min(len(xd), len(o))):
+            if k != dim:
+                ctx.unify(xd[k], o[k], node)
+            else:  # positions in value order: whatever reads them cannot prune them either
+                ctx.solver.pin(o[k], reason)
 
 
 def getitem(ctx: Ctx, node: fx.Node) -> None:
@@ -825,7 +889,8 @@ RULES: dict[str, Callable[[Ctx, fx.Node], None]] = {
     "stack": stack, "repeat_interleave": repeat_interleave,
     "split": split, "split_with_sizes": split, "chunk": split, "unbind": split,
     "tensor_split": split,
-    "slice": slice_, "narrow": unknown, "select": select,
+    "slice": slice_, "narrow": unknown, "select": select, "index": index,
+    "sort": sort_topk, "topk": sort_topk, "argsort": sort_topk,
     "getitem": getitem,
     "embedding": embedding,
     "layer_norm": layer_norm, "native_layer_norm": layer_norm, "rms_norm": layer_norm,

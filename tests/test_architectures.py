@@ -70,7 +70,8 @@ def tiny(name: str) -> torch.nn.Module:
         "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**c, num_attention_heads=4, max_position_embeddings=64)),
         # xIELU activation (min of two tensors, expm1)
         "apertus": lambda: T.ApertusForCausalLM(T.ApertusConfig(**c, **gqa, pad_token_id=0)),
-        # attention sinks (a learned logit per head, max over the keys); experts pinned (index ops)
+        # attention sinks (a learned logit per head, max over the keys); experts' biases gathered by
+        # expert id (index), gate and up interleaved in one projection (x[..., ::2], x[..., 1::2])
         "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(**c, **gqa, head_dim=8, num_local_experts=4,
                                                               num_experts_per_tok=2, pad_token_id=0)),
         # encoder-decoder: self- and cross-attention in one decoder layer, relative bias shared by layers
@@ -101,7 +102,7 @@ def tiny(name: str) -> torch.nn.Module:
 
 ARCHS = ["mistral", "mixtral", "qwen2", "gemma", "gemma2", "olmo2", "gpt_neox", "falcon", "gptj", "bloom", "opt",
          "distilbert", "t5_encoder", "mobilebert", "resnet", "whisper", "vit", "phimoe", "gpt_bigcode", "mpnet",
-         "apertus", "t5", "marian", "siglip", "lfm2", "deepseek_v3"]
+         "apertus", "t5", "marian", "siglip", "lfm2", "deepseek_v3", "gpt_oss"]
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

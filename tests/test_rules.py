@@ -636,3 +636,66 @@ def test_filled_tensor_sizes_shrink_with_the_channels(op):
 def test_arange_of_the_channel_count_pins_it():
     g = find(groups_of(Filled("arange"), torch.randn(2, 4)), "a.weight", 0)
     assert not g.prunable and "constant size" in g.reason
+
+
+class Interleaved(nn.Module):
+    """GPT-OSS-style fused gate/up with interleaved channels, a per-expert bias gathered by id, and
+    a top-k over router logits."""
+
+    def __init__(self, step_slice: bool = True):
+        super().__init__()
+        self.step_slice = step_slice
+        self.a, self.b, self.router = nn.Linear(4, 12), nn.Linear(6, 3), nn.Linear(4, 3)
+        self.bias = nn.Parameter(torch.randn(3, 12))
+
+    def forward(self, x):
+        ids = torch.topk(self.router(x), 1, dim=-1).indices[..., 0]
+        h = self.a(x) + self.bias[ids]
+        if self.step_slice:
+            gate, up = h[..., ::2], h[..., 1::2]
+        else:  # a strided slice of part of the dim: which channels it takes depends on the bounds
+            gate, up = h[..., 0:11:2], h[..., 1:12:2]
+        return self.b(F.silu(gate) * up)
+
+
+def test_interleaved_channels_prune_in_pairs_and_gathered_dims_pin():
+    from fxprune.passes.rewrite import apply_plan, masked_copy
+    from fxprune.plan import Plan
+
+    model, x = Interleaved().eval(), torch.randn(2, 4)
+    program = fxprune.capture(model, x)
+    dg = fxprune.dependency_graph(program)
+    g = find(dg, "b.weight", 1)
+    assert g.kind == "mlp" and g.prunable and not g.inexact and g.units == 6 and not dg.unknown_ops
+    assert {("a.weight", 0), ("a.bias", 0), ("bias", 1)} <= members(g)
+    rows = {m.param: m.unit_of for m in g.members}["a.weight"]
+    assert rows.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # channel c is rows 2c (gate) and 2c+1 (up)
+    assert "gathered by index" in find(dg, "bias", 0).reason
+    assert "sorted by value" in find(dg, "router.weight", 0).reason
+    plan = Plan({g.id: [0, 2, 5]})
+    pruned = apply_plan(program, dg, plan)
+    assert pruned.model.a.weight.shape[0] == 6 and pruned.model.bias.shape == (3, 6)
+    x2 = torch.randn(5, 4)
+    ref = masked_copy(program, dg, plan)(x2)
+    assert torch.allclose(pruned.model(x2), ref, atol=1e-6) and torch.allclose(pruned.graph_module(x2), ref, atol=1e-6)
+
+
+def test_strided_slice_of_part_of_a_dim_pins_it():
+    g = find(groups_of(Interleaved(step_slice=False), torch.randn(2, 4)), "a.weight", 0)
+    assert not g.prunable and "strided" in g.reason
+
+
+class SortChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x).sort(-1).values)
+
+
+def test_sort_over_the_channels_pins_them_on_both_sides():
+    dg = groups_of(SortChannels(), torch.randn(2, 4))
+    for param, dim in (("a.weight", 0), ("b.weight", 1)):
+        g = find(dg, param, dim)
+        assert not g.prunable and "sorted by value" in g.reason

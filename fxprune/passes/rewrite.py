@@ -447,8 +447,8 @@ def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMas
             if dg.solver.size_of(src[d]) is None:
                 continue
             keep = masks.mask(src[d])
-            if keep.all():
-                continue
+            if keep.all() or _int_arg(node, 4, 1) != 1:
+                continue  # a strided slice the rules accepted takes one position of whole channels
             start, end = _int_arg(node, 2, 0), _int_arg(node, 3, None)
             size = len(keep)
             start = max(0, start + size if start < 0 else start)
