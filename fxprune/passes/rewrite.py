@@ -379,7 +379,9 @@ def _fix_standard_module(mod: nn.Module) -> None:
 
 # -- the graph -------------------------------------------------------------------------------------
 
-SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
+# where an op takes the size list that spells its output's shape: view / reshape / expand sizes,
+# and the zeros / ones / full / new_* creations the rules leave free (rules.FILLED_SIZE_ARG)
+SIZE_ARG = {"view": 1, "reshape": 1, "_unsafe_view": 1, "expand": 1, **FILLED_SIZE_ARG}
 # normalised_shape (arg 1) of these ops spans the input's trailing dims: it shrinks with them
 NORM_SHAPE_OPS = {"layer_norm", "native_layer_norm", "rms_norm"}
 
@@ -406,14 +408,8 @@ def rewrite_shape_constants(graph: fx.Graph, dg: DependencyGraph, masks: KeepMas
             continue
         dims = dg.node_dims.get(node.name)
         name = op_name(node)
-        if name in SIZE_ARG_OPS and isinstance(dims, list):
-            shape_pos = 1
-            sizes = node.args[shape_pos]
-            if isinstance(sizes, (list, tuple)) and len(sizes) == len(dims):
-                new = [(_new_literal(masks, v, s)) for v, s in zip(dims, sizes)]
-                node.args = (node.args[0], new, *node.args[2:])
-        elif name in FILLED_SIZE_ARG and isinstance(dims, list) and len(node.args) > FILLED_SIZE_ARG[name]:
-            pos = FILLED_SIZE_ARG[name]
+        if name in SIZE_ARG and isinstance(dims, list) and len(node.args) > SIZE_ARG[name]:
+            pos = SIZE_ARG[name]
             sizes = node.args[pos]
             if isinstance(sizes, (list, tuple)) and len(sizes) == len(dims):
                 new = [_new_literal(masks, v, s) for v, s in zip(dims, sizes)]
