@@ -21,11 +21,15 @@ demo: $(STAMP)
 	$(VENV)/bin/fxprune prune smollm2-135m --ratio 0.2 --importance obs --damp 8 --calib-samples 40 \
 		--layers 3:29 --targets mlp --out $(DEMO_OUT) --force --onnx --eval
 
+# one worker per core (at most 4: each real-model test holds a model); tests/conftest.py splits the
+# torch threads between workers
+PYTEST_WORKERS ?= auto --maxprocesses 4
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'

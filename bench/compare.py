@@ -133,6 +133,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (positions 1+) towards the dense MLP output, layer by layer: one scalar per layer (norm ratio)
     # 59.209 (1.389x), per channel std ratio 60.303 (1.414x), its square root 59.678 (1.400x), per
     # channel least-squares scale 59.917 (1.405x), against 59.644: within the noise, not kept
+    # 2026-12-06 (sixth session, same Xeon), 20% at damp 4, written windows sampled with generate()'s
+    # repetition controls: repetition_penalty 1.1 / 1.2 62.189 (1.459x) / 63.182 (1.482x);
+    # no_repeat_ngram_size 4 59.072 (1.386x; seed 1 1.424x against 1.428x), 3 60.036 (1.408x). The
+    # plain T=1 windows already repeat little (99% of their 4-grams distinct), so there is nothing to
+    # cure: the penalty pushes the text away from the model's distribution, and n-gram blocking moves
+    # the result by less than the seed noise. Not kept
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:29", "damp": 4.0, "calib_generate": 30},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
