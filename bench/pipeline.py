@@ -72,6 +72,18 @@ fresh process: a trivial Linear's first export takes 1.08 s, its second 0.02 s. 
 beside the gradient pass in a thread is not safe: tracing patches ``torch.nn.Module.__call__``
 process-wide, so the other thread's forward would be traced.
 
+2026-12-06 (sixth session, same Xeon), where the bf16 run's 4.5 s go and what could still move
+(single runs in one process, warm): the gradient passes ~1.5 s (forward 0.71, backward 0.80 for the
+two 5 x 128 batches; ``aten::mm`` ~0.94 s of it at ~0.9 TFLOP/s, against 1.1-2.2 TFLOP/s for the
+same shapes alone; the rest is attention's float32 softmax and casts, RMSNorm's casts, SiLU x up:
+no fused CPU kernels for them short of torch.compile, whose compile time is longer than the whole
+job), the first pass's warm-up ~0.25 s, the chunked loss's probe 0.13 s, scoring 0.06 s; capture
+1.1 s warm (the two-layer export with symbolic batch and sequence; the same export with static
+shapes takes 0.37 s, but the pruned graph must keep both dims dynamic); ``ExportedProgram.module()``
+0.35-0.55 s of the rewrite. A redesign that analysed a static export and built the dynamic graph
+only on request would still total ~3.2 s against a 2.98 s budget (0.5 x 5.96 s): the target needs
+faster gradient passes than torch's CPU kernels give, not a different pipeline around them.
+
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
 
