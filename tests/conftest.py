@@ -10,7 +10,9 @@ import os
 # variable also reaches the CLI tests' subprocesses; a value the user set is left alone.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+    # the cores this process may use (Linux); elsewhere all of them
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
