@@ -148,6 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.9-1.3% on the others. Each part alone was mixed (3:28 uniform: 1.390x, seed 1 1.426x, second
     # slice 61.076; 3:29 with 0.3: second slice 61.956). 3:28 with depth_profile 0.5: 1.377x /
     # 1.372x / 1.382x, second slice 61.870 (worse), third 55.213; with 0.7: 1.384x / 1.384x / 1.369x.
+    # Around it (seeds 0 / 1): 3:27 1.365x / 1.386x, 4:28 1.367x / 1.383x; damp 3 1.363x / 1.387x,
+    # damp 6 1.366x / 1.405x; heads+MLP 1.387x (seed 0): a flat region, the preset stays as it is.
     "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:28", "damp": 4.0, "calib_generate": 30,
                 "depth_profile": 0.3},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
