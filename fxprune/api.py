@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
 from .data import GENERATE_PROMPT, generate_windows, stack_windows
-from .depgraph import DependencyGraph, count_params, dependency_graph, stack_of
+from .depgraph import PRUNABLE_KINDS, DependencyGraph, count_params, dependency_graph, stack_of
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
 from .passes.importance.taylor import ModelState, effective_precision
@@ -31,7 +31,6 @@ from .passes.select import Selection, parse_layers, select
 from .plan import Plan
 from .progress import ProgressLike, as_progress
 
-KIND_NAMES = ("heads", "kv_heads", "mlp", "rank", "hidden")
 IMPORTANCE_ROWS = 5  # windows per forward/backward of a gradient pass: larger matmuls, same gradient
 Progress = ProgressLike  # a fxprune.progress.Progress, a callable(str) for stage names, True or None
 
@@ -192,9 +191,9 @@ def prune(
     say = as_progress(progress)  # callable like before: say("stage"); plus say.bar / say.task
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    bad = [t for t in targets if t not in KIND_NAMES]
+    bad = [t for t in targets if t not in PRUNABLE_KINDS]
     if bad:
-        raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(KIND_NAMES)}")
+        raise FxpruneError(f"unknown target kind '{bad[0]}'; choose from {', '.join(PRUNABLE_KINDS)}")
     if aggregate not in AGGREGATES:
         raise FxpruneError(f"unknown aggregate '{aggregate}'; choose one of {', '.join(AGGREGATES)}")
     precision, precision_note = effective_precision(precision, model)  # checks the name too
@@ -355,7 +354,7 @@ def prune(
 def _nothing_to_prune(dg: DependencyGraph, sel: Selection) -> str:
     """The error for targets / a layer range that select no group, naming what the model has."""
     where = f" in layers {sel.layers.start}:{sel.layers.stop}" if sel.layers is not None else ""
-    have = sorted({g.kind for g in dg.prunable if g.kind in KIND_NAMES})
+    have = sorted({g.kind for g in dg.prunable if g.kind in PRUNABLE_KINDS})
     fix = (f"choose --targets from {', '.join(have)}" if have
            else "every group of this model is pinned; `fxprune inspect` shows why")
     return f"nothing to prune: no prunable {', '.join(sel.targets)} group{where}; {fix}" + (

@@ -24,6 +24,7 @@ from .dims import DimSolver
 from .rules import Ctx, rule_for
 
 KINDS = ("heads", "kv_heads", "mlp", "rank", "hidden", "other")
+PRUNABLE_KINDS = tuple(k for k in KINDS if k != "other")  # what targets may name
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers|decoder_layers)\.(\d+)(?:\.|$)")
 
 

@@ -116,3 +116,23 @@ def test_encoder_decoder_layers_are_labelled_by_stack_and_module(tmp_path):
 def test_empty_layers_still_renders(tmp_path, bad):
     paths = write_report(_report(**bad), tmp_path)
     assert "## Summary" in paths["md"].read_text()
+
+
+def test_every_prunable_kind_is_drawn(tmp_path):
+    """Each kind a report's layers may hold gets a label, a colour and a line (DeepSeek's 'rank'
+    groups reached the picture without them and the report could not be written)."""
+    from fxprune.depgraph import PRUNABLE_KINDS
+    from fxprune.exporters.report import _STYLE, KIND_LABELS
+
+    for kind in PRUNABLE_KINDS:
+        assert kind in KIND_LABELS and kind in KIND_COLORS, kind
+        assert kind == "hidden" or kind in _STYLE, kind
+    r = _report()
+    for i in range(4):
+        r["layers"][str(i)]["rank"] = {"kept": 8 + i, "units": 16}
+    paths = write_report(r, tmp_path)
+    from matplotlib.image import imread
+
+    img = imread(paths["png"])[..., :3]
+    assert (np.abs(img - _rgb(KIND_COLORS["rank"])).max(axis=-1) < 0.05).sum() > 50
+    assert "attention ranks" in paths["md"].read_text()

@@ -15,13 +15,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from ..depgraph import PRUNABLE_KINDS as KINDS
 from ..depgraph import layer_sort_key
 
-KINDS = ("heads", "kv_heads", "mlp", "rank", "hidden")
-KIND_LABELS = {"heads": "attention heads", "kv_heads": "kv groups", "mlp": "MLP channels", "hidden": "hidden (model-wide)"}
+KIND_LABELS = {"heads": "attention heads", "kv_heads": "kv groups", "mlp": "MLP channels",
+               "rank": "attention ranks", "hidden": "hidden (model-wide)"}
 PICTURE = "kept_width.png"
 # marker, line style and a small x offset per kind, so series at the same value stay visible
-_STYLE = {"heads": ("o", "-", -0.1), "kv_heads": ("s", "--", 0.1), "mlp": ("^", "-", 0.0)}
+# (hidden is drawn as one model-wide line)
+_STYLE = {"heads": ("o", "-", -0.1), "kv_heads": ("s", "--", 0.1), "mlp": ("^", "-", 0.0),
+          "rank": ("D", ":", 0.05)}
 # keys the markdown shows in its own sections; any other key goes to "Other results"
 _SHOWN = {"params_before", "params_after", "removed_fraction", "macs_before", "macs_after", "plan", "groups",
           "layers", "timings", "pinned_reasons", "unknown_ops", "notes", "ppl_before", "ppl_after",
