@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Program, capture, call_extras, main_outputs, normalize_inputs
-from .data import GENERATE_PROMPT, generate_windows, stack_windows
+from .data import GENERATE_PROMPT, generate_windows, recovery_rows, stack_windows
 from .depgraph import PRUNABLE_KINDS, DependencyGraph, count_params, dependency_graph, stack_of
 from .errors import FxpruneError, PlanError, VerificationError
 from .passes.importance import NEEDS_DATA, AGGREGATES, SELECTS, ImportanceRequest, get_importance
@@ -106,6 +106,7 @@ def prune(
     ema: float = 0.9,
     recover_steps: int = 0,
     recover_data: torch.Tensor | list[torch.Tensor] | None = None,
+    recover_generate: int = 0,
     recover_batch: int = 1,
     lr: float = 2e-4,
     tokenizer: Any = None,
@@ -157,6 +158,11 @@ def prune(
             many steps, then merge the adapters (no extra parameters); 0 = off.
         recover_data: token windows for recovery instead of ``calib`` (10 x 128 calibration
             tokens are few: many recovery steps on them overfit).
+        recover_generate: add this many windows the dense model writes itself (on from prompts of
+            ``calib``'s own windows, after those of ``calib_generate``) to recovery's windows, all
+            shuffled: a long recovery without text beyond ``calib``. SmolLM2 (obs-gen presets, 260
+            written + the 40 calibration windows, 300 steps, distill 0.5): 20% 0.99x dense, 50%
+            1.96x, against 1.03x / 2.23x after 80 steps on the 40 (writing ~2 min, recovery ~4).
         recover_batch: token windows per recovery step. Each step takes the next batch, cycling, so
             ``recover_steps x recover_batch`` windows are seen; the report's ``recovery`` says how
             many of them were (``rows_seen`` of ``rows``) and a note says when some were never used.
@@ -206,6 +212,13 @@ def prune(
     distill = check_distill(distill)
     if distill and not recover_steps:
         raise FxpruneError("distill is a recovery loss: set recover_steps (--recover-steps N)")
+    if recover_generate < 0:
+        raise FxpruneError(f"recover_generate must be >= 0 windows, got {recover_generate}")
+    if recover_generate and not recover_steps:
+        raise FxpruneError("recover_generate writes windows for recovery: set recover_steps (--recover-steps N)")
+    if recover_generate and not _batches(calib):
+        raise FxpruneError("recover_generate continues calibration windows; pass calib=... (--calib FILE)")
+    prompts = _batches(calib)  # the caller's windows: written ones are prompted from these only
     if calib_generate:
         if not _batches(calib):
             raise FxpruneError("calib_generate continues calibration windows; pass calib=... (--calib FILE)")
@@ -325,6 +338,11 @@ def prune(
     if recover_steps:
         t = time.perf_counter()
         recover_batches = _batches(recover_data) or _batches(calib)
+        if recover_generate:
+            with say.task(f"writing {recover_generate} recovery windows"):
+                recover_batches = recovery_rows(model, prompts, recover_batches, int(recover_generate),
+                                                first=int(calib_generate), seed=seed)
+            timings["recover_generate_s"] = time.perf_counter() - t
         recovery = recover(pruned_model, recover_batches, steps=recover_steps, lr=lr, rank=lora_rank,
                            seed=seed, teacher=model if distill else None, distill=distill, schedule=recover_schedule,
                            batch=recover_batch, progress=say)
@@ -347,6 +365,8 @@ def prune(
         report["iterative"] = history
     if recovery is not None:
         report["recovery"] = recovery
+        if recover_generate:
+            recovery["generated"] = int(recover_generate)
     return PruneResult(pruned_model, rw.graph_module, plan, report, program, dg, example_inputs,
                        tokenizer, model)
 

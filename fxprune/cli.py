@@ -141,7 +141,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
     calib = eval_windows = recover_data = None
     # iterative pruning and recovery fine-tune on the calibration text
     needs_text = (args.importance in NEEDS_DATA or args.eval or args.iterative or args.recover_steps > 0
-                  or args.reconstruct or args.calib_generate)
+                  or args.reconstruct or args.calib_generate or args.recover_generate)
     if needs_text and tok is None:
         raise FxpruneError(f"{args.model} has no tokenizer; calibration and --eval need one")
     if needs_text:
@@ -166,6 +166,7 @@ def cmd_prune(args: argparse.Namespace, say: _Say) -> int:
         refit_all=args.refit_all, residual_correction=not args.no_residual_correction, distill=args.distill,
         recover_schedule=args.recover_schedule, precision=PRECISION_NAMES[args.precision],
         recover_data=recover_data, recover_batch=args.recover_batch, calib_generate=args.calib_generate,
+        recover_generate=args.recover_generate,
     )
     report = result.report
     if eval_windows is not None:
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover-samples", type=int, default=0,
                     help="recovery windows taken from the text after the calibration (and --eval) windows; "
                          "0 = recover on the calibration windows")
+    pr.add_argument("--recover-generate", type=int, default=0, metavar="N",
+                    help="add N windows the dense model writes itself (on from the calibration windows) to "
+                         "recovery's windows: a long recovery with no more text (HF causal LMs)")
     pr.add_argument("--recover-batch", type=int, default=1, metavar="N",
                     help="windows per recovery step (steps x N windows are trained on; the report says when "
                          "some --recover-samples windows were never used)")

@@ -292,6 +292,18 @@ def test_calib_generate_flag_adds_written_windows(tok_dir, capsys):
     assert report["timings"]["generate_s"] > 0
 
 
+def test_recover_generate_flag_adds_written_recovery_windows(tok_dir, capsys):
+    calib = tok_dir.parent / "calib.txt"
+    assert main(["prune", str(tok_dir), "--ratio", "0.3", "--targets", "mlp", "--calib", str(calib),
+                 "--calib-samples", "2", "--calib-seqlen", "20", "--recover-steps", "3", "--recover-generate", "3",
+                 "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recovery"]["generated"] == 3 and report["recovery"]["rows"] == 5
+    assert main(["prune", str(tok_dir), "--ratio", "0.3", "--targets", "mlp", "--calib", str(calib),
+                 "--recover-generate", "3", "--quiet"]) == 2  # no --recover-steps
+    assert "set recover_steps" in capsys.readouterr().err
+
+
 def test_calib_generate_too_short_windows_is_a_user_error(tok_dir, capsys):
     calib = tok_dir.parent / "calib.txt"
     assert main(["prune", str(tok_dir), "--ratio", "0.3", "--importance", "obs", "--targets", "mlp",

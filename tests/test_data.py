@@ -235,3 +235,53 @@ def test_prune_with_written_windows():
     assert w.shape == w0.shape and not torch.allclose(w, w0)
     with pytest.raises(FxpruneError, match="pass calib"):
         fxprune.prune(model, ratio=0.2, calib_generate=3)
+
+
+def test_generate_windows_first_continues_the_numbering():
+    from fxprune.data import generate_windows
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(4))
+    whole = generate_windows(model, calib, 5, prompt_len=4, seed=5)
+    assert torch.equal(generate_windows(model, calib, 5, prompt_len=4, seed=5, first=0), whole)
+    later = generate_windows(model, calib, 3, prompt_len=4, seed=5, first=2)
+    assert torch.equal(later[:, :4], whole[2:, :4])  # the prompts windows 2-4 take
+    assert torch.equal(later[1:, :4], torch.stack([calib[0, 4:8], calib[1, 4:8]]))  # second round: next 4 tokens
+    assert not torch.equal(later[:1, 4:], whole[2:3, 4:])  # another seed: not a resample of window 2
+    with pytest.raises(FxpruneError, match="first must be >= 0"):
+        generate_windows(model, calib, 2, prompt_len=4, first=-1)
+
+
+def test_recovery_rows_shuffles_the_given_rows_with_the_written_ones():
+    from fxprune.data import recovery_rows
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(4))
+    given = [calib[i : i + 1] for i in range(3)]
+    rows = recovery_rows(model, calib, given, 5, first=3, seed=1)
+    assert len(rows) == 8 and all(r.shape == (1, 20) for r in rows)
+    kept = [r for r in rows if any(torch.equal(r, g) for g in given)]
+    assert len(kept) == 3  # each given row once
+    assert [i for i, r in enumerate(rows) if any(r is g for g in given)] != [0, 1, 2]  # spread, not first
+    again = recovery_rows(model, calib, given, 5, first=3, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(rows, again))
+
+
+def test_prune_recovers_on_written_windows():
+    import fxprune
+
+    model = tiny_llama()
+    calib = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fxprune.prune(model, {"input_ids": calib[:, :8]}, ratio=0.2, targets=("mlp",), calib=calib,
+                        calib_generate=1, recover_steps=6, recover_generate=4, distill=0.5)
+    rec = res.report["recovery"]
+    assert rec["generated"] == 4 and rec["rows"] == 2 + 1 + 4 and rec["rows_seen"] == 6
+    assert res.report["timings"]["recover_generate_s"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
+    for kwargs, msg in (({"recover_generate": 2}, "set recover_steps"),
+                        ({"recover_generate": -1, "recover_steps": 2}, ">= 0 windows"),
+                        ({"recover_generate": 2, "recover_steps": 2, "calib": None}, "pass calib")):
+        with pytest.raises(FxpruneError, match=msg):
+            fxprune.prune(model, {"input_ids": calib[:, :8]}, ratio=0.2, targets=("mlp",),
+                          **{"calib": calib, **kwargs})
