@@ -234,6 +234,19 @@ BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # Writing 300 windows took 168-183 s at 30 a generate() call (0.42 s a window at 120: the default
 # for recovery); recovery 191 s (50%) / 238 s (20%): under 10 minutes together.
 # Recovery on 80 steps of the 40 calibration windows was the recipe until then.
+# Not kept (2026-12-07, 20%, no recovery): 120 calibration windows (calib_generate 110) at damp 2 / 1
+# 58.894 (1.381x) / 58.100 (1.363x) against 58.249 with 40, in 150 s against 50 s; OSSCAR-style swap
+# search after obs's greedy (add the removed unit the refit gains most from, drop the cheapest kept
+# one, while the damped error falls: 1-10 swaps a layer, the error lower by < 0.01%) 57.693 (1.353x)
+# but seed 1 / 2 59.388 / 59.318 against 59.384 / 59.438: the greedy's choice is already a local
+# optimum, the 1% on seed 0 is how much a few swapped channels move perplexity; real windows with
+# their tokens resampled from the dense model's next-token distribution (each position with p 0.3 /
+# 1, 30 windows instead of the written ones) 1.463x / 1.445x, and with the written ones 1.412x.
+# Full run with this recipe (2026-12-07, same Xeon; --methods dense,tp-taylor,fxprune, no rec-long):
+# dense 42.635, dense+rec 31.440 (0.737x; 0.694x with the 80-step recipe: less of the gain is
+# adaptation to wikitext), fxprune@0.2 58.249 (1.366x, 49.8 s), +rec 42.347 (0.993x, 1.347x dense+rec;
+# 402.7 s: writing 106.2, recovery with it 355.8); @0.5 127.505 (2.991x, 56.6 s), +rec 82.835 (1.943x,
+# 2.635x dense+rec; 380.8 s: writing 115.5, recovery with it 323.0); tp-taylor 80.491 (1.888x, 6.2 s).
 BEST_RECOVERY = ('{"recover_steps": 300, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.5, '
                  '"recover_generate": 260}')
 # With text beyond the calibration slice the same recipe runs longer without overfitting. Wikitext
@@ -345,7 +358,7 @@ def run_dense_recovery(model: Any, calib: Any, args: argparse.Namespace, recover
                      lr=opt("lr"), rank=opt("lora_rank"), teacher=model if opt("distill") else None,
                      distill=opt("distill"), schedule=opt("recover_schedule"), batch=opt("recover_batch"))
     keys = ("recover_steps", "recover_batch", "lr", "recover_schedule", "distill", "recover_windows", "recover_text",
-            "lora_rank")
+            "lora_rank", "recover_generate")
     return {"params": _count(student), "removed": 0.0, "wall_s": round(time.perf_counter() - t0, 2),
             "settings": {k: settings[k] for k in keys if k in settings},
             "recovery_s": round(record["seconds"], 2), "_model": student}
