@@ -127,7 +127,7 @@ GENERATE_PROMPT = 16  # tokens of each calibration window the model continues fr
 
 def generate_windows(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], n: int, *,
                      prompt_len: int = GENERATE_PROMPT, temperature: float = 1.0, seed: int = 0,
-                     batch: int = 30, first: int = 0) -> torch.Tensor:
+                     batch: int = 30, first: int = 0, option: str = "calib_generate") -> torch.Tensor:
     """``n`` windows the model writes itself, as long as ``calib``'s windows (an ``(n, seqlen)``
     tensor of token ids, or a list of equal-width ones).
 
@@ -141,20 +141,20 @@ def generate_windows(model: nn.Module, calib: torch.Tensor | list[torch.Tensor],
     are left as they were.
     """
     if not hasattr(model, "generate") or getattr(model, "config", None) is None:
-        raise FxpruneError(f"calib_generate needs a Hugging Face causal LM with generate(); "
+        raise FxpruneError(f"{option} needs a Hugging Face causal LM with generate(); "
                            f"{type(model).__name__} has none")
     if isinstance(calib, (list, tuple)):
         calib = concat_windows(calib)
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
-        raise FxpruneError("calib_generate continues token windows: calib must be an (n, seqlen) tensor of token "
+        raise FxpruneError(f"{option} continues token windows: calib must be an (n, seqlen) tensor of token "
                            "ids, or a list of equal-width ones")
     if n < 1:
-        raise FxpruneError(f"calib_generate must be >= 1 windows, got {n}")
+        raise FxpruneError(f"{option} must be >= 1 windows, got {n}")
     if first < 0:
         raise FxpruneError(f"generate_windows: first must be >= 0, got {first}")
     seqlen = calib.shape[1]
     if not 0 < prompt_len < seqlen:
-        raise FxpruneError(f"calib_generate: prompt of {prompt_len} tokens must be shorter than the windows ({seqlen})")
+        raise FxpruneError(f"{option}: prompt of {prompt_len} tokens must be shorter than the windows ({seqlen})")
     # later rounds move the prompt along the window: new contexts rather than resamples of one
     index = torch.arange(first, first + n)
     rows, rounds = index % calib.shape[0], index // calib.shape[0]
@@ -181,7 +181,7 @@ def generate_windows(model: nn.Module, calib: torch.Tensor | list[torch.Tensor],
         model.train(was_training)
     windows = torch.cat(out)
     if windows.shape != (n, seqlen):
-        raise FxpruneError(f"calib_generate: the model wrote {tuple(windows.shape)} tokens, {(n, seqlen)} expected")
+        raise FxpruneError(f"{option}: the model wrote {tuple(windows.shape)} tokens, {(n, seqlen)} expected")
     return windows
 
 
@@ -195,7 +195,8 @@ def recovery_rows(model: nn.Module, prompts: torch.Tensor | list[torch.Tensor], 
     from ``first``: :func:`generate_windows`), shuffled with ``seed`` so each part is spread over the
     schedule. Few real windows are what makes long recoveries overfit; the dense model's own text
     gives the distillation loss as much to match as the time allows, with no text beyond ``prompts``."""
-    written = generate_windows(model, prompts, n, seed=seed, first=first, batch=RECOVERY_WRITE_BATCH)
+    written = generate_windows(model, prompts, n, seed=seed, first=first, batch=RECOVERY_WRITE_BATCH,
+                               option="recover_generate")
     rows = list(rows) + [written[i : i + 1] for i in range(n)]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     return [rows[i] for i in order.tolist()]

@@ -281,7 +281,9 @@ def test_prune_recovers_on_written_windows():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
     for kwargs, msg in (({"recover_generate": 2}, "set recover_steps"),
                         ({"recover_generate": -1, "recover_steps": 2}, ">= 0 windows"),
-                        ({"recover_generate": 2, "recover_steps": 2, "calib": None}, "pass calib")):
+                        ({"recover_generate": 2, "recover_steps": 2, "calib": None}, "pass calib"),
+                        ({"recover_generate": 2, "recover_steps": 2, "calib": calib[:, :8]},
+                         "recover_generate: prompt of 16 tokens")):
         with pytest.raises(FxpruneError, match=msg):
             fxprune.prune(model, {"input_ids": calib[:, :8]}, ratio=0.2, targets=("mlp",),
                           **{"calib": calib, **kwargs})
