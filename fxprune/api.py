@@ -160,9 +160,10 @@ def prune(
             tokens are few: many recovery steps on them overfit).
         recover_generate: add this many windows the dense model writes itself (on from prompts of
             ``calib``'s own windows, after those of ``calib_generate``) to recovery's windows, all
-            shuffled: a long recovery without text beyond ``calib``. SmolLM2 (obs-gen presets, 260
-            written + the 40 calibration windows, 300 steps, distill 0.5): 20% 0.99x dense, 50%
-            1.96x, against 1.03x / 2.23x after 80 steps on the 40 (writing ~2 min, recovery ~4).
+            shuffled: a long recovery without text beyond ``calib``. SmolLM2 (compare.py's presets,
+            260 written + the 40 calibration windows, 300 steps, distill 0.5): 20% 0.99x dense, 50%
+            1.94x, against 1.03x / 2.23x after 80 steps on the 40 (writing ~2 min, training ~4-4.5).
+            The report's ``recovery.loss_before/after`` are then over the first shuffled windows.
         recover_batch: token windows per recovery step. Each step takes the next batch, cycling, so
             ``recover_steps x recover_batch`` windows are seen; the report's ``recovery`` says how
             many of them were (``rows_seen`` of ``rows``) and a note says when some were never used.
