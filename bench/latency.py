@@ -55,6 +55,10 @@ round 1 1.077 / 1.035, round 64 1.043 / 1.023; 50% heads+MLP round 1 1.071 / 0.9
 2026-12-06 (fourth session, same Xeon): 20% heads+MLP round 1 0.997 / 1.010, round 64 1.007 / 0.975;
 20% MLP-only round 1 1.033 / 1.018, round 64 1.049 / 1.019; 50% heads+MLP round 1 1.054 / 0.983,
 round 64 1.051 / 0.958; 50% MLP-only round 1 1.199 / 1.126 (the miss again); all ``stitched``.
+2026-12-07 (same Xeon, ONNX path unchanged): 20% heads+MLP round 1 1.012 / 0.997, round 64 1.004 /
+0.984; 20% MLP-only round 1 1.050 / 1.003, round 64 1.050 / 1.018; 50% heads+MLP round 1 1.067 /
+0.982, round 64 1.068 / 0.983; 50% MLP-only round 1 1.207 / 1.134 (the miss again; round 64 cannot
+reach 50% with MLP channels of 3:29 alone).
 
 ``--optimize`` defaults to ``ort`` (onnxruntime's fused ops, what a model deployed on onnxruntime
 should be exported with); ``light`` is the portable default of ``export_onnx``. Measured on a

@@ -83,6 +83,9 @@ shapes takes 0.37 s, but the pruned graph must keep both dims dynamic); ``Export
 0.35-0.55 s of the rewrite. A redesign that analysed a static export and built the dynamic graph
 only on request would still total ~3.2 s against a 2.98 s budget (0.5 x 5.96 s): the target needs
 faster gradient passes than torch's CPU kernels give, not a different pipeline around them.
+2026-12-07 (same Xeon, pipeline code unchanged): ``--repeats 3``: fxprune 6.992 s (capture 1.733,
+importance 4.229, rewrite 0.739), fxprune-bf16 4.989 s (importance 2.258), Torch-Pruning 6.269 s
+(gradients 5.105): ratios 1.115 / 0.796 (process CPU 1.042 / 0.703).
 
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
