@@ -217,17 +217,15 @@ def prune(
         raise FxpruneError(f"recover_generate must be >= 0 windows, got {recover_generate}")
     if recover_generate and not recover_steps:
         raise FxpruneError("recover_generate writes windows for recovery: set recover_steps (--recover-steps N)")
-    if recover_generate and not _batches(calib):
-        raise FxpruneError("recover_generate continues calibration windows; pass calib=... (--calib FILE)")
     prompts = _batches(calib)  # the caller's windows: written ones are prompted from these only
+    for option, n in (("calib_generate", calib_generate), ("recover_generate", recover_generate)):
+        if n and not prompts:
+            raise FxpruneError(f"{option} continues calibration windows; pass calib=... (--calib FILE)")
     if calib_generate:
-        if not _batches(calib):
-            raise FxpruneError("calib_generate continues calibration windows; pass calib=... (--calib FILE)")
         t = time.perf_counter()
         with say.task(f"writing {calib_generate} calibration windows"):
-            calib = _batches(calib)
-            written = generate_windows(model, calib, int(calib_generate), seed=seed)
-        calib = calib + _batches(written)
+            written = generate_windows(model, prompts, int(calib_generate), seed=seed)
+        calib = prompts + _batches(written)
         timings["generate_s"] = time.perf_counter() - t
     if (iterative or recover_steps) and not _batches(calib):
         what = "iterative pruning" if iterative else "recover_steps"
