@@ -161,8 +161,9 @@ def prune(
         recover_generate: add this many windows the dense model writes itself (on from prompts of
             ``calib``'s own windows, after those of ``calib_generate``) to recovery's windows, all
             shuffled: a long recovery without text beyond ``calib``. SmolLM2 (compare.py's presets,
-            260 written + the 40 calibration windows, 300 steps, distill 0.5): 20% 0.99x dense, 50%
-            1.94x, against 1.03x / 2.23x after 80 steps on the 40 (writing ~2 min, training ~4-4.5).
+            460 written + the 40 calibration windows, 500 steps, distill 0): 20% 0.92x dense, 50%
+            1.77x, against 0.99x / 1.94x with 260 written, 300 steps, distill 0.5 and 1.03x / 2.23x
+            after 80 steps on the 40 (2-core Xeon: writing ~2.8 min, training ~3-4 more).
             The report's ``recovery.loss_before/after`` are then over the first shuffled windows.
         recover_batch: token windows per recovery step. Each step takes the next batch, cycling, so
             ``recover_steps x recover_batch`` windows are seen; the report's ``recovery`` says how
@@ -170,7 +171,9 @@ def prune(
         distill: weight of the dense model in the recovery loss, 0..1: the loss is
             ``distill * KL(dense || pruned) + (1 - distill) * cross-entropy on the text`` per token
             (``True`` = 1: the dense model only). The user's model is the teacher, only read.
-            Measured best on SmolLM2 at 20%: 0.5 (overfits 10 calibration windows less than text only).
+            Measured best on SmolLM2 at 20%: 0.5 (overfits 10 calibration windows less than text only);
+            with ``recover_generate``'s windows 0 (their text is the dense model's own samples: 50%,
+            1.82x dense against 1.94x at 0.5, and each step skips the teacher's forward).
         precision: forward/backward precision of the gradient importance passes: ``float32`` or
             ``bfloat16`` (bf16 copies of the weights for the passes, under autocast; measured 1.9x
             faster Taylor on a bf16-capable CPU, 99% of the same channels removed). The model's
