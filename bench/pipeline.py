@@ -86,6 +86,9 @@ faster gradient passes than torch's CPU kernels give, not a different pipeline a
 2026-12-07 (same Xeon, pipeline code unchanged): ``--repeats 3``: fxprune 6.992 s (capture 1.733,
 importance 4.229, rewrite 0.739), fxprune-bf16 4.989 s (importance 2.258), Torch-Pruning 6.269 s
 (gradients 5.105): ratios 1.115 / 0.796 (process CPU 1.042 / 0.703).
+2026-12-07 (second session, same Xeon, pipeline code unchanged): ``--repeats 3``: fxprune 6.720 s
+(capture 1.603, importance 4.109, rewrite 0.713), fxprune-bf16 5.253 s (importance 2.347),
+Torch-Pruning 6.420 s (gradients 5.221): ratios 1.047 / 0.818 (process CPU 0.983 / 0.727).
 
     python bench/pipeline.py [--profile] [--repeats 1] [--fx-extra '{"reconstruct": true}']
 """
