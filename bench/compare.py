@@ -264,7 +264,9 @@ BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # the 10 real windows alone distill 0.5 had measured best: it overfits them less.) The time saved
 # buys more written windows: 460 written and 500 steps 75.445 (1.770x, 397 s in all).
 # Writing in bf16 (bf16 copy of the model, AMX) is 1.55x faster (120 windows x 40 new tokens: 10.4 s
-# against 16.1 s); not adopted: it writes other text than float32 does and was not measured in recovery.
+# against 16.1 s). In recovery (50%, 460 written, 500 steps, distill 0): 76.013 (1.783x) in 337.9 s
+# against 75.445 (1.770x) in 396.6 s. Not adopted yet: 59 s saved for text that differs from what the
+# float32 model writes; it would need an option and a 20% measurement of its own.
 # Full run with this recipe (2026-12-07, second session; --methods dense,tp-taylor,fxprune, no
 # rec-long): dense 42.635, dense+rec 29.159 (0.684x, 301.1 s), fxprune@0.2 58.249 (1.366x, 45.7 s),
 # +rec 39.102 (0.917x; 1.341x dense+rec; 460.4 s: writing 168.2, recovery with it 415.9, peak RSS
