@@ -16,9 +16,9 @@ held-out evaluation slice (``--windows`` 128-token windows after a gap of 20 win
     fxprune+rec@R         the same plus ``--fx-recovery`` kwargs (only when that option is given);
                           by default 500 LoRA steps on the calibration windows (the 10 and the 30
                           written) plus 460 windows the dense model writes on from them, the text's
-                          cross-entropy alone: no text beyond the calibration slice. ``"recover_windows": N`` there recovers on N
-                          windows taken after the evaluation slice (disjoint from calibration and
-                          evaluation)
+                          cross-entropy alone: no text beyond the calibration slice.
+                          ``"recover_windows": N`` there recovers on N windows taken after the
+                          evaluation slice (disjoint from calibration and evaluation)
     fxprune+rec-long@R    the same plus ``--fx-recovery-long`` kwargs: by default the recipe for a
                           user with more of their own text than the 10 calibration windows, 600
                           steps, one each, on 600 wikitext windows after the evaluation slice (never

@@ -194,7 +194,8 @@ def recovery_rows(model: nn.Module, prompts: torch.Tensor | list[torch.Tensor], 
     """Recovery's windows: ``rows`` plus ``n`` windows ``model`` writes on from ``prompts`` (numbered
     from ``first``: :func:`generate_windows`), shuffled with ``seed`` so each part is spread over the
     schedule. Few real windows are what makes long recoveries overfit; the dense model's own text
-    gives the distillation loss as much to match as the time allows, with no text beyond ``prompts``."""
+    gives recovery as much to learn from as the time allows (its cross-entropy distils that model),
+    with no text beyond ``prompts``."""
     written = generate_windows(model, prompts, n, seed=seed, first=first, batch=RECOVERY_WRITE_BATCH,
                                option="recover_generate")
     rows = list(rows) + [written[i : i + 1] for i in range(n)]
