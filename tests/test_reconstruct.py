@@ -182,11 +182,12 @@ def test_one_pass_rows_follow_the_memory_budget(monkeypatch):
 
     model = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 4))
     ids = [torch.zeros(1, 16, dtype=torch.long)]
-    per_row = 16 * (32 + 8) * 4  # tokens x summed input widths x float32
+    # tokens x the widest consumer's values (layer 1: input 32 + stream 4) x float32 x live activations
+    per_row = 16 * (32 + 4) * 4 * rc.ACTIVATION_FACTOR
     monkeypatch.setattr(rc, "ONE_PASS_BYTES", 10 * per_row + 1)
-    assert rc.one_pass_rows(model, [("1", 1), ("0", 1)], ids) == 10
+    assert rc.one_pass_rows(model, [("1", 1), ("0", 1), ("1", 0)], ids) == 10
     monkeypatch.setattr(rc, "ONE_PASS_BYTES", per_row // 2)
-    assert rc.one_pass_rows(model, [("1", 1), ("0", 1)], ids) == 1  # always at least one window
+    assert rc.one_pass_rows(model, [("1", 1), ("0", 1), ("1", 0)], ids) == 1  # always at least one window
     assert rc.one_pass_rows(model, [("1", 1)], [(torch.zeros(3, 8), torch.zeros(3, 4))]) == 1  # not token ids
 
 

@@ -19,13 +19,14 @@ each layer is refit against the inputs it will really see once the layers before
 refit, as SparseGPT does. The target is still the dense model's output, so the refit also corrects
 the drift of earlier layers: with inputs ``X'`` (pruned model) and ``X`` (dense model), the solution
 is ``A = (W X^T X'_K)(X'_K^T X'_K)^-1``, which needs ``X'_K^T X`` across the two models. Both models
-are run on the same batches: the dense one once, keeping every refit layer's input (float32, so
-``tokens x width x 4`` bytes per layer, and the residual stream beside each corrected writer). When
-those fit the budget of :func:`one_pass_budget` (a quarter of the memory available, 1 to 8 GiB;
-SmolLM2's 26 ``down_proj`` with their streams: 38 windows of 128 tokens per GiB), all windows go
-through the pruned model as one batch, and
-each layer's forward pre-hook refits it just before it runs, so every layer sees its refit
-predecessors; with more windows, the pruned model runs once per refit layer, stopped there. Every
+are run on the same batches. When one forward over all windows fits the budget of
+:func:`one_pass_budget` (a quarter of the memory available, 1 to 8 GiB; :func:`one_pass_rows`), all
+windows go through the pruned model as one batch, and each layer's forward pre-hook refits it just
+before it runs, so every layer sees its refit predecessors; the dense model's forward runs in step
+with it (:mod:`fxprune.passes.lockstep`), so only one layer's dense input (float32) is held at a
+time (SmolLM2, 250 windows: peak RSS 3.1 GB, against 11.0 GB when every layer's dense inputs were
+collected first). With more windows, the dense inputs of every refit layer are kept and the pruned
+model runs once per refit layer, stopped there (quadratic in depth). Every
 forward stops once the last refit layer has its input: nothing after it (an LM head's logits, the
 largest tensor of the pass) is computed.
 
@@ -55,6 +56,7 @@ from ..errors import FxpruneError
 from ..plan import Plan
 from .importance.base import INPUT_DIM
 from .importance.taylor import run_batch
+from .lockstep import DenseStepper
 from .residual import StreamRecorder, Tap, check_taps, drift_terms, find_taps
 from .rewrite import KeepMasks, _param_indices  # the rewrite's own parameter -> kept-indices map
 
@@ -66,6 +68,10 @@ ONE_PASS_MIN_BYTES, ONE_PASS_MAX_BYTES = 1 << 30, 8 << 30
 # SmolLM2, obs with 30 written windows (40 x 128 tokens, 2-core AMX Xeon): float32 takes the choice
 # from 32.1 to 25.8 s; perplexity the same to 4 decimals (20%: 59.6439, 50% heads+MLP: 127.5047)
 MOMENT_DTYPE = torch.float32
+# a single pass's bytes per window, in multiples of the widest consumer's dense values (float32):
+# both models' live activations besides them. SmolLM2 (down_proj input + stream, 1.08 MB a 128-token
+# window): peak RSS 2.29 GB with 40 windows, 3.06 GB with 250, ~3.7 MB a window (3.4x)
+ACTIVATION_FACTOR = 8
 
 
 @dataclass
@@ -199,11 +205,10 @@ def reconstruct(original: nn.Module, pruned: nn.Module, program: Program, dg: De
     try:
         taps, notes = check_taps(original, taps, batches[0])
         notes = few_tokens + notes
-        dense_inputs, dense_streams = _dense_inputs(original, targets, batches, taps)
         if len(batches) == 1:
-            _refit_in_one_pass(original, pruned, targets, dense_inputs, dense_streams, taps, batches[0], damp,
-                               errors, progress)
+            _refit_in_one_pass(original, pruned, targets, taps, batches[0], damp, errors, progress)
         else:
+            dense_inputs, dense_streams = _dense_inputs(original, targets, batches, taps)
             for step, t in enumerate(targets):
                 stats = _collect(pruned, t, dense_inputs.pop(t.path), batches, dense_streams.pop(t.path, None), taps)
                 _refit(original, pruned, t, stats, damp, errors)
@@ -273,25 +278,28 @@ def _refit(original: nn.Module, pruned: nn.Module, t: _Target, stats: dict[str, 
             bias.add_(kept_shift.to(bias.dtype))
 
 
-def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Target],
-                       dense_inputs: dict[str, list[torch.Tensor]], dense_streams: dict[str, list[torch.Tensor]],
-                       taps: dict[str, Tap], batch: Any, damp: float, errors: dict[str, list[float]],
+def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Target], taps: dict[str, Tap],
+                       batch: Any, damp: float, errors: dict[str, list[float]],
                        progress: Callable[[str, int], None] | None) -> None:
     """All calibration data in one forward of the pruned model: each target's pre-hook refits it
-    before it runs, so later targets already see the refit earlier ones (sequential, one pass)."""
+    before it runs, so later targets already see the refit earlier ones (sequential, one pass); the
+    dense model's forward runs in step with it (:class:`~fxprune.passes.lockstep.DenseStepper`)."""
     done: list[str] = []
     streams = StreamRecorder(pruned, taps)
+    dense = DenseStepper(original, [t.path for t in targets], taps, batch)
 
     def hook_for(t: _Target):
         def hook(_mod: nn.Module, args: tuple) -> None:
             if t.path in done:  # a module called twice: refit on its first call only
                 return
-            xp, x = _flat_input(args[0]), dense_inputs[t.path][0].to(MOMENT_DTYPE)
+            x, h = dense.inputs(t.path)
+            xp, x = _flat_input(args[0]), x.to(MOMENT_DTYPE)
             drift = len(t.kept_in) != x.shape[1] or not torch.equal(xp, x)  # no drift: upstream of any pruning
+            hp = streams.take(t.path)
             if drift:
                 stats = moments(x, xp)
-                if t.path in dense_streams:
-                    stats.update(drift_terms(dense_streams[t.path][0], streams.stream(t.path), xp, t.kept_out))
+                if h is not None:
+                    stats.update(drift_terms(h, hp, xp, t.kept_out))
                 _refit(original, pruned, t, stats, damp, errors)
             done.append(t.path)
             if drift and progress is not None:
@@ -308,6 +316,7 @@ def _refit_in_one_pass(original: nn.Module, pruned: nn.Module, targets: list[_Ta
         for h in handles:
             h.remove()
         streams.close()
+        dense.close()
     missing = [t.path for t in targets if t.path not in done]
     if missing:
         raise FxpruneError(f"reconstruction: {missing[0]} was not called by the model's forward")
@@ -350,18 +359,24 @@ def _dense_inputs(original: nn.Module, targets: list, batches: list[Any], taps: 
 
 
 def one_pass_rows(model: nn.Module, consumers: list[tuple[str, int]], batches: list[Any]) -> int:
-    """Windows per forward such that the dense inputs of all ``consumers`` (module path, input dim)
-    stay within :func:`one_pass_budget`; at least one."""
+    """Windows per forward such that a single pass stays within :func:`one_pass_budget`; at least one.
+
+    ``consumers`` are (module path, dim) pairs whose widths a consumer's dense values span (its
+    input, and its residual stream when corrected). The dense model runs in step with the pruned one
+    (:class:`~fxprune.passes.lockstep.DenseStepper`), so a pass holds one consumer's dense values
+    at a time; with both models' live activations, :data:`ACTIVATION_FACTOR` x the widest."""
     if not batches or not isinstance(batches[0], torch.Tensor) or batches[0].dim() != 2:
         return 1
-    width = sum(int(model.get_submodule(path).weight.shape[dim]) for path, dim in consumers)
-    per_row = batches[0].shape[1] * width * 4
+    widths: dict[str, int] = {}
+    for path, dim in consumers:
+        widths[path] = widths.get(path, 0) + int(model.get_submodule(path).weight.shape[dim])
+    per_row = batches[0].shape[1] * max(widths.values(), default=0) * 4 * ACTIVATION_FACTOR
     return max(1, one_pass_budget() // max(per_row, 1))
 
 
 def one_pass_budget() -> int:
-    """Bytes of dense inputs a single-pass refit may keep: :data:`ONE_PASS_BYTES` when set, else a
-    quarter of the memory available now (Linux ``MemAvailable``), clamped to 1-8 GiB.
+    """Bytes a single-pass refit may use: :data:`ONE_PASS_BYTES` when set, else a quarter of the
+    memory available now (Linux ``MemAvailable``), clamped to 1-8 GiB.
 
     Past the budget the refit runs the pruned model once per refit layer (quadratic in depth):
     SmolLM2 with 40 calibration windows took 362 s at a fixed 1 GiB and 107 s in one pass at 2 GiB.

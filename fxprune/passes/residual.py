@@ -169,6 +169,11 @@ class StreamRecorder:
         s = self._of.get(consumer)
         return None if s is None else self.values.get(s)
 
+    def take(self, consumer: str) -> torch.Tensor | None:
+        """:meth:`stream`, forgotten here: a forward over many windows need not keep every stream."""
+        s = self._of.get(consumer)
+        return None if s is None else self.values.pop(s, None)
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()

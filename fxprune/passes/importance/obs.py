@@ -61,6 +61,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     """Greedy OBS removal order per group, sequential over layers (see the module docstring)."""
     from ..reconstruct import (Refit, _collect, _dense_inputs, _flat_input, _Stop, _Target,  # no import cycle
                                moments, one_pass_rows, run_until_stopped)
+    from ..lockstep import DenseStepper
     from ..residual import StreamRecorder, check_taps, drift_terms, find_taps
 
     if req.keep is None:
@@ -72,7 +73,6 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
     widths = [(c.path, 1) for c in consumers] + [(c.path, 0) for c in consumers if c.path in taps]
     batches = stack_windows(req.batches, one_pass_rows(req.model, widths, req.batches))
     taps, tap_notes = check_taps(req.model, taps, batches[0])
-    dense_in, dense_streams = _dense_inputs(req.model, consumers, batches, taps)
     work = copy.deepcopy(req.model).eval()
     scores: dict[str, np.ndarray] = {}
     refits: dict[str, Refit] = {}
@@ -88,6 +88,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
             req.progress("obs", len(scores))
 
     if len(batches) > 1:  # measure layer by layer: the work copy runs up to each consumer
+        dense_in, dense_streams = _dense_inputs(req.model, consumers, batches, taps)
         for c in consumers:
             n_in = req.model.get_submodule(c.path).weight.shape[1]
             choose(c, _collect(work, _Target(c.path, 1, np.arange(n_in), None), dense_in.pop(c.path), batches,
@@ -95,14 +96,17 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
         return scores
 
     streams = StreamRecorder(work, taps)
+    dense = DenseStepper(req.model, [c.path for c in consumers], taps, batches[0])  # one layer's inputs at a time
 
     def hook_for(c: _Consumer):
         def hook(_mod: nn.Module, args: tuple) -> None:
             if c.group.id not in scores:  # a shared module is chosen on its first call
                 xp = _flat_input(args[0])
-                stats = moments(torch.cat(dense_in[c.path]).to(xp.dtype), xp, dense=False)
-                if c.path in dense_streams:
-                    stats.update(drift_terms(dense_streams[c.path][0], streams.stream(c.path), xp))
+                x, h = dense.inputs(c.path)
+                stats = moments(x.to(xp.dtype), xp, dense=False)
+                del x
+                if h is not None:
+                    stats.update(drift_terms(h, streams.take(c.path), xp))
                 choose(c, stats)
                 if len(scores) == len(consumers):
                     raise _Stop  # the rest of the forward (an LM head's logits) is not needed
@@ -116,6 +120,7 @@ def obs_importance(req: ImportanceRequest) -> dict[str, np.ndarray]:
         for h in handles:
             h.remove()
         streams.close()
+        dense.close()
     missing = [c.path for c in consumers if c.group.id not in scores]
     if missing:
         raise FxpruneError(f"importance 'obs': {missing[0]} was not called by the model's forward")
