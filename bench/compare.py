@@ -14,9 +14,10 @@ held-out evaluation slice (``--windows`` 128-token windows after a gap of 20 win
                           pruning crashes on this model)
     fxprune@R             fxprune.prune(ratio=R, **settings, **extra) for each R in ``--fx-ratios``
     fxprune+rec@R         the same plus ``--fx-recovery`` kwargs (only when that option is given);
-                          by default 500 LoRA steps on the calibration windows (the 10 and the 30
-                          written) plus 460 windows the dense model writes on from them, the text's
-                          cross-entropy alone: no text beyond the calibration slice.
+                          by default 500 LoRA steps, one window each: the calibration windows (the
+                          10 and those the preset writes) plus enough windows the dense model writes
+                          on from them to fill the steps, the text's cross-entropy alone: no text
+                          beyond the calibration slice.
                           ``"recover_windows": N`` there recovers on N windows taken after the
                           evaluation slice (disjoint from calibration and evaluation)
     fxprune+rec-long@R    the same plus ``--fx-recovery-long`` kwargs: by default the recipe for a
@@ -32,7 +33,7 @@ and peak RSS are that method's own; model loading and perplexity evaluation are 
 {"bench": "compare", "method", "params", "removed", "wall_s", "peak_rss_mb", "ppl", "ppl_ratio", ...}
 
     python bench/compare.py [--windows 40] [--fxprune-settings best|default|reconstruct|heads-mlp|obs|obs-heads-mlp|obs-gen|obs-heads-mlp-gen|'{"importance": ...}']
-                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery JSON (default: BEST_RECOVERY; "" for none)]
+                            [--fx-extra '{"reconstruct": true}'] [--fx-recovery best|JSON ("" for none)]
                             [--fx-recovery-long JSON (default: LONG_RECOVERY; "" for none)]
                             [--methods dense,tp-taylor,tp-l2,fxprune]
 """
@@ -153,8 +154,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 1.372x / 1.382x, second slice 61.870 (worse), third 55.213; with 0.7: 1.384x / 1.384x / 1.369x.
     # Around it (seeds 0 / 1): 3:27 1.365x / 1.386x, 4:28 1.367x / 1.383x; damp 3 1.363x / 1.387x,
     # damp 6 1.366x / 1.405x; heads+MLP 1.387x (seed 0): a flat region, the preset stays as it is.
-    "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:28", "damp": 4.0, "calib_generate": 30,
-                "depth_profile": 0.3},
+    # 2026-12-07 (third session, same Xeon): more written windows, less damping, p 0.5. Raw perplexity
+    # on the eval / second / third slices; seeds 0 / 1 / 2 on the eval slice (x dense). The preset
+    # until then (30 written, damp 4, p 0.3): 58.249 / 60.809 / 54.984; seeds 1.366 / 1.393 / 1.394.
+    # 120 written, p 0.3: damp 1 57.876 / 58.930 / 53.336 (1.358x). 120, p 0, damp 2 / 1 / 0.5 / 0.25:
+    # 58.894 / 58.100 / 57.676 / 58.200 (eval only). 120, p 0.5: damp 1 56.999 / 58.442 / 52.810,
+    # seeds 1.337 / 1.366 / 1.389; damp 0.5 57.044 / 58.485 / 52.635; p 0.7 (damp 1) 57.084 / 58.393 /
+    # 53.062. 180, damp 0.5, p 0.5: 56.625 / 57.562 / 51.935, seeds 1.328 / 1.333 / 1.385 (209-232 s).
+    # 240, damp 0.5, p 0.5: 55.625 / 56.466 / 51.509, seeds 1.305 / 1.338 / 1.367 (mean 1.337 against
+    # 1.384 before; 254-305 s against 42 s). 250 windows kept every layer's dense inputs (11.0 GB peak
+    # RSS, and past the one-pass budget: over 10 min) until the dense forward ran in step with the
+    # pruned one (fxprune/passes/lockstep.py): 3.1 GB, 259 s, the same perplexity to the last digit.
+    "obs-gen": {"importance": "obs", "targets": ["mlp"], "layers": "3:28", "damp": 0.5, "calib_generate": 240,
+                "depth_profile": 0.5},
     # 50% over layers 1:29 rather than 1:30 (layer 29 left whole): 127.504 (2.991x) against 140.474
     # (3.295x); seed 1 3.025x against 3.331x; second slice 167.678 against 170.212; 1:28 3.012x
     # (damp 3 over 1:29: 126.374 / 167.586, within noise of damp 2). At 20%, layers 3:28: 59.251
@@ -272,8 +284,10 @@ BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # +rec 39.102 (0.917x; 1.341x dense+rec; 460.4 s: writing 168.2, recovery with it 415.9, peak RSS
 # 3.2 GB); @0.5 127.505 (2.991x, 51.2 s), +rec 75.445 (1.770x; 2.587x dense+rec; 403.7 s: writing
 # 164.2, recovery with it 351.4, peak RSS 4.5 GB); tp-taylor 80.491 (1.888x, 6.1 s).
-BEST_RECOVERY = ('{"recover_steps": 500, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.0, '
-                 '"recover_generate": 460}')
+BEST_RECOVERY = '{"recover_steps": 500, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.0}'
+# --fx-recovery best (the default) is BEST_RECOVERY plus as many written windows (recover_generate)
+# as it takes for recovery to see each window once: steps - calibration windows - those the preset
+# writes for calibration. 50% (30 written for calibration): 460, as above; 20% (180): 310.
 # With text beyond the calibration slice the same recipe runs longer without overfitting. Wikitext
 # windows after the evaluation slice (never evaluated on), 2-core AVX2 EPYC, dense 42.635: 50% (obs
 # heads+MLP) 160 steps on 320 windows 75.71 (1.776x; 2.666x on the 10 calibration windows, 2.816x
@@ -308,8 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"best (per ratio: {BEST}), a preset ({', '.join(PRESETS)}) or a JSON object of "
                          "fxprune.prune kwargs")
     ap.add_argument("--fx-extra", default="{}", help="JSON kwargs added to every fxprune.prune call")
-    ap.add_argument("--fx-recovery", default=BEST_RECOVERY,
-                    help="JSON kwargs for the fxprune+rec@R methods ('' for none)")
+    ap.add_argument("--fx-recovery", default="best",
+                    help="JSON kwargs for the fxprune+rec@R methods, best (BEST_RECOVERY, written windows to "
+                         "fill its steps) or '' for none")
     ap.add_argument("--fx-recovery-long", default=LONG_RECOVERY,
                     help="JSON kwargs for the fxprune+rec-long@R methods ('' for none)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child mode: one method
@@ -330,7 +345,14 @@ def fx_settings(args: argparse.Namespace, recovery: str = "", ratio: float = 0.2
     settings.update(_json_object(args.fx_extra, "--fx-extra"))
     flag = RECOVERY_FLAGS[recovery]
     if flag is not None:
-        settings.update(_json_object(getattr(args, flag), "--" + flag.replace("_", "-")))
+        spec = getattr(args, flag)
+        if spec == "best":
+            rec = _json_object(BEST_RECOVERY, "BEST_RECOVERY")
+            written = rec["recover_steps"] - args.calib_samples - settings.get("calib_generate", 0)
+            rec["recover_generate"] = max(0, written)
+        else:
+            rec = _json_object(spec, "--" + flag.replace("_", "-"))
+        settings.update(rec)
     if "targets" in settings:
         settings["targets"] = tuple(settings["targets"])
     return settings
