@@ -284,6 +284,12 @@ BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 # +rec 39.102 (0.917x; 1.341x dense+rec; 460.4 s: writing 168.2, recovery with it 415.9, peak RSS
 # 3.2 GB); @0.5 127.505 (2.991x, 51.2 s), +rec 75.445 (1.770x; 2.587x dense+rec; 403.7 s: writing
 # 164.2, recovery with it 351.4, peak RSS 4.5 GB); tp-taylor 80.491 (1.888x, 6.1 s).
+# Full run after the 20% preset moved to 240 written windows (2026-12-07, third session, same Xeon;
+# --fx-recovery-long ''): dense 42.635, dense+rec 28.907 (0.678x, 317.1 s; its windows now follow the
+# 20% assembly: 240 + 250 written), fxprune@0.2 55.625 (1.305x, 254.8 s: writing 136.2, obs 115.3;
+# peak RSS 3.3 GB), +rec 37.303 (0.875x; 1.290x dense+rec; 663.0 s: pruning 260, recovery 401.9 of it
+# writing 107.9); @0.5 127.505 (2.991x, 53.7 s), +rec 75.445 (1.770x; 2.610x dense+rec; 416.1 s:
+# recovery 364.8, of it writing 176.5); tp-taylor 80.491 (1.888x, 6.0 s), tp-l2 1923.345 (45.1x).
 BEST_RECOVERY = '{"recover_steps": 500, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.0}'
 # --fx-recovery best (the default) is BEST_RECOVERY plus as many written windows (recover_generate)
 # as it takes for recovery to see each window once: steps - calibration windows - those the preset

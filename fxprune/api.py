@@ -163,9 +163,10 @@ def prune(
         recover_generate: add this many windows the dense model writes itself (on from prompts of
             ``calib``'s own windows, after those of ``calib_generate``) to recovery's windows, all
             shuffled: a long recovery without text beyond ``calib``. SmolLM2 (compare.py's presets,
-            460 written + the 40 calibration windows, 500 steps, distill 0): 20% 0.92x dense, 50%
-            1.77x, against 0.99x / 1.94x with 260 written, 300 steps, distill 0.5 and 1.03x / 2.23x
-            after 80 steps on the 40 (2-core Xeon: writing ~2.8 min, training ~3-4 more).
+            460 written + the 40 calibration windows, 500 steps, distill 0): 20% 0.92x dense (0.88x
+            from the 240-window preset with 250 written), 50% 1.77x, against 0.99x / 1.94x with 260
+            written, 300 steps, distill 0.5 and 1.03x / 2.23x after 80 steps on the 40 (2-core Xeon:
+            writing ~2.8 min, training ~3-4 more).
             The report's ``recovery.loss_before/after`` are then over the first shuffled windows.
         recover_batch: token windows per recovery step. Each step takes the next batch, cycling, so
             ``recover_steps x recover_batch`` windows are seen; the report's ``recovery`` says how
