@@ -174,6 +174,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # slices but under the seed noise (2%); seed 1 1.426x against 1.428x: not adopted
     # 2026-12-06: 60 written windows at damp 2 / 1.5: 126.453 (2.966x) / 127.439 (2.989x); 90 at damp 1
     # 124.430 (2.918x, prune 141 s against ~60 s): within the seed noise (seed 1 at 30: 3.025x)
+    # 2026-12-07 (third session): 240 written windows, as the 20% preset now takes, do not carry over
+    # to 50%: damp 0.5 / 1 / 2 129.810 (3.045x) / 129.611 (3.040x) / 134.663 (3.159x), ~250 s each
     "obs-heads-mlp-gen": {"importance": "obs", "targets": ["heads", "mlp"], "layers": "1:29", "damp": 2.0,
                           "calib_generate": 30},
 }
@@ -293,7 +295,7 @@ BEST = {0.2: "obs-gen", 0.5: "obs-heads-mlp-gen"}
 BEST_RECOVERY = '{"recover_steps": 500, "lr": 4e-4, "recover_schedule": "cosine", "distill": 0.0}'
 # --fx-recovery best (the default) is BEST_RECOVERY plus as many written windows (recover_generate)
 # as it takes for recovery to see each window once: steps - calibration windows - those the preset
-# writes for calibration. 50% (30 written for calibration): 460, as above; 20% (180): 310.
+# writes for calibration. 50% (30 written for calibration): 460, as above; 20% (240): 250.
 # With text beyond the calibration slice the same recipe runs longer without overfitting. Wikitext
 # windows after the evaluation slice (never evaluated on), 2-core AVX2 EPYC, dense 42.635: 50% (obs
 # heads+MLP) 160 steps on 320 windows 75.71 (1.776x; 2.666x on the 10 calibration windows, 2.816x
